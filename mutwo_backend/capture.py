@@ -1,0 +1,244 @@
+"""Whole train-step capture: forward, loss, backward and optimizer step traced
+into ONE fx graph with make_fx on fake tensors.
+
+The user's ``train_step(model, optimizer, *args)`` runs once under make_fx
+with the model's parameters, buffers and the optimizer's state swapped for
+traced stand-ins (``_reparametrize_module``), so the real tensors are never
+touched while tracing. The graph takes the real tensors as inputs and
+updates them in place (copy_, in-place optimizer and batch-norm ops), so
+running it is a real training iteration.
+"""
+
+import contextlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch.nn.utils.stateless import _reparametrize_module
+
+from . import separator
+from .errors import CaptureError
+from .optimizers import CAPTURE_DECOMPOSITIONS, check_supported, init_state, remove_state
+
+SEP = torch.ops.separator.sep.default
+SEP_BACKWARD = torch.ops.separator.sep_backward.default
+OPTIMIZER_UPDATE_OPS = frozenset({
+    torch.ops.aten._fused_adam.default, torch.ops.aten._fused_adam.tensor_lr,
+    torch.ops.aten._fused_adamw.default, torch.ops.aten._fused_adamw.tensor_lr,
+})
+
+
+@dataclass(frozen=True)
+class InputRole:
+    """What a placeholder of a train-step graph holds.
+
+    kind is "param", "buffer", "opt_state" or "input"; name is the parameter or
+    buffer's qualified name, ``<param>.<state key>`` for optimizer state, or
+    ``args[i]...`` for the user's inputs."""
+
+    kind: str
+    name: str
+
+
+class TrainStepGraph:
+    """One captured training iteration.
+
+    ``gm`` is the fx graph; calling the object runs one real iteration through
+    it, updating the model's parameters and buffers and the optimizer's state
+    in place, and returns what ``train_step`` returned."""
+
+    def __init__(self, gm: fx.GraphModule, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 param_names: list[str], buffer_names: list[str],
+                 state_keys: dict[str, list[str]], placeholder_roles: dict[str, InputRole]):
+        self.gm = gm
+        self.model = model
+        self.optimizer = optimizer
+        self.param_names = param_names
+        self.buffer_names = buffer_names
+        self.state_keys = state_keys
+        self.placeholder_roles = placeholder_roles
+
+    def graph_inputs(self, *args) -> tuple:
+        """The real tensors the graph takes, in the structure it was traced with."""
+        params = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())
+        states = {name: {key: self.optimizer.state[params[name]][key] for key in keys}
+                  for name, keys in self.state_keys.items()}
+        return ({n: params[n] for n in self.param_names},
+                {n: buffers[n] for n in self.buffer_names}, states, args)
+
+    def __call__(self, *args):
+        with torch.no_grad():
+            out, grads = self.gm(*self.graph_inputs(*args))
+        params = dict(self.model.named_parameters())
+        for name, grad in zip(self.param_names, grads):
+            params[name].grad = grad
+        return out
+
+    def summary(self, top: int = 15) -> str:
+        """Node count, the most frequent ops, and where the markers sit."""
+        nodes = list(self.gm.graph.nodes)
+        ops = Counter(str(n.target) for n in nodes if n.op == "call_function")
+        rank = {n: i for i, n in enumerate(nodes)}
+        lines = [f"nodes: {len(nodes)} ({len(self.placeholder_roles)} inputs, "
+                 f"{len(self.param_names)} parameters, {len(self.buffer_names)} buffers)"]
+        for label, wanted in (("sep", {SEP}), ("sep_backward", {SEP_BACKWARD}),
+                              ("optimizer update", OPTIMIZER_UPDATE_OPS)):
+            found = [f"{n.name} at rank {rank[n]}" for n in nodes if n.target in wanted]
+            lines.append(f"{label}: {', '.join(found) if found else 'none (not a fused Adam/AdamW step)'}")
+        lines.append(f"top {top} ops:")
+        width = max((len(op) for op, _ in ops.most_common(top)), default=0)
+        lines += [f"  {op:<{width}}  {count:>6}" for op, count in ops.most_common(top)]
+        return "\n".join(lines)
+
+
+def capture_train_step(train_step: Callable, model: nn.Module,
+                       optimizer: torch.optim.Optimizer, *example_args) -> TrainStepGraph:
+    """Trace ``train_step(model, optimizer, *example_args)`` into one fx graph.
+
+    ``train_step`` must call ``mutwo_backend.sep`` on the model output before the
+    loss, then ``loss.backward()``, ``optimizer.step()`` and (usually)
+    ``optimizer.zero_grad()``. Missing optimizer state is created as the first
+    step would; parameters are not changed."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    check_supported(optimizer, list(params.values()))
+    _check_devices(params, buffers, example_args)
+
+    created = init_state(optimizer)
+    try:
+        return _trace(train_step, model, optimizer, params, buffers, example_args)
+    except BaseException:
+        remove_state(optimizer, created)
+        raise
+
+
+def _trace(train_step, model, optimizer, params, buffers, example_args) -> TrainStepGraph:
+    name_of = {id(p): n for n, p in params.items()}
+    state_keys = {name_of[id(p)]: [k for k, v in s.items() if isinstance(v, torch.Tensor)]
+                  for p, s in optimizer.state.items() if id(p) in name_of}
+    states = {n: {k: optimizer.state[params[n]][k] for k in keys} for n, keys in state_keys.items()}
+    watch = _StepWatch(optimizer)
+
+    def traced_step(p_in, b_in, s_in, args):
+        with _reparametrize_module(model, {**p_in, **b_in}, tie_weights=True), \
+                _optimizer_on(optimizer, name_of, p_in, s_in), watch:
+            out = train_step(model, optimizer, *args)
+            grads = [p.grad for p in p_in.values()]
+        return out, grads
+
+    try:
+        gm = make_fx(traced_step, tracing_mode="fake",
+                     decomposition_table=CAPTURE_DECOMPOSITIONS)(params, buffers, states, example_args)
+    except CaptureError:
+        raise
+    except Exception as error:
+        raise CaptureError(
+            f"tracing train_step failed: {type(error).__name__}: {error}\n"
+            "The capture runs train_step once on fake tensors: it must not read tensor values "
+            "(.item(), print of a tensor, if on a tensor) and must use only the model, the "
+            "optimizer and its arguments."
+        ) from error
+    _check_graph(gm, watch)
+
+    roles = _InputRoles(params, buffers, states, example_args)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return TrainStepGraph(gm, model, optimizer, list(params), list(buffers), state_keys,
+                          {n.name: role for n, role in zip(placeholders, roles.flat)})
+
+
+class _InputRoles:
+    """The role of each graph input, flattened in the order make_fx flattens them."""
+
+    def __init__(self, params, buffers, states, args):
+        tree = ({n: InputRole("param", n) for n in params},
+                {n: InputRole("buffer", n) for n in buffers},
+                {n: {k: InputRole("opt_state", f"{n}.{k}") for k in s} for n, s in states.items()},
+                pytree.tree_map_with_path(lambda path, _: InputRole("input", "args" + pytree.keystr(path)),
+                                          tuple(args)))
+        self.flat = pytree.tree_leaves(tree)
+
+
+class _StepWatch:
+    """Counts optimizer.step() calls while tracing and whether grads existed then."""
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.steps = 0
+        self.steps_with_grads = 0
+
+    def _pre_hook(self, optimizer, args, kwargs):
+        self.steps += 1
+        if any(p.grad is not None for g in optimizer.param_groups for p in g["params"]):
+            self.steps_with_grads += 1
+        # Let the optimizer keep step counts and bias corrections as tensors
+        # (its traceable path) instead of calling .item() on fake tensors.
+        self._compiling = torch.compiler._is_compiling_flag
+        torch.compiler._is_compiling_flag = True
+
+    def _post_hook(self, optimizer, args, kwargs):
+        torch.compiler._is_compiling_flag = self._compiling
+
+    def __enter__(self):
+        self._handles = [self.optimizer.register_step_pre_hook(self._pre_hook),
+                         self.optimizer.register_step_post_hook(self._post_hook)]
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextlib.contextmanager
+def _optimizer_on(optimizer, name_of, traced_params, traced_states):
+    """Point the optimizer's groups and state at the traced tensors; restore after."""
+    saved_params = [group["params"] for group in optimizer.param_groups]
+    saved_state = optimizer.state
+    try:
+        for group in optimizer.param_groups:
+            group["params"] = [traced_params[name_of[id(p)]] for p in group["params"]]
+        traced = defaultdict(dict)
+        for name, state in traced_states.items():
+            traced[traced_params[name]] = dict(state)
+        optimizer.state = traced
+        yield
+    finally:
+        for group, group_params in zip(optimizer.param_groups, saved_params):
+            group["params"] = group_params
+        optimizer.state = saved_state
+
+
+def _check_devices(params, buffers, args) -> None:
+    devices = {str(t.device) for t in [*params.values(), *buffers.values()]}
+    if len(devices) > 1:
+        raise CaptureError(f"the model's parameters and buffers are on several devices "
+                           f"({', '.join(sorted(devices))}): move the whole model to one device.")
+    for path, leaf in pytree.tree_flatten_with_path(tuple(args))[0]:
+        if isinstance(leaf, torch.Tensor) and devices and str(leaf.device) not in devices:
+            raise CaptureError(
+                f"input args{pytree.keystr(path)} is on {leaf.device} but the model is on "
+                f"{devices.pop()}: move the inputs to the model's device (x.to(device)).")
+
+
+def _check_graph(gm: fx.GraphModule, watch: _StepWatch) -> None:
+    targets = Counter(n.target for n in gm.graph.nodes)
+    if targets[SEP] == 0:
+        raise CaptureError("train_step never called mutwo_backend.sep: call "
+                           "`out = mutwo_backend.sep(model(x))` on the model output, then compute "
+                           "the loss from `out`.")
+    if targets[SEP] > 1:
+        raise CaptureError(f"train_step called mutwo_backend.sep {targets[SEP]} times: call it "
+                           "exactly once, on the model output, before the loss.")
+    if watch.steps == 0:
+        raise CaptureError("train_step never called optimizer.step(): call it after "
+                           "loss.backward() so the graph holds the optimizer update.")
+    if watch.steps_with_grads == 0:
+        raise CaptureError("train_step never called loss.backward() before optimizer.step(): "
+                           "no parameter had a gradient, so the graph holds no backward pass.")
+    if targets[SEP_BACKWARD] == 0:
+        raise CaptureError("the loss does not depend on the output of mutwo_backend.sep, so "
+                           "backward never crosses the separator: compute the loss from the "
+                           "tensor that sep returns.")

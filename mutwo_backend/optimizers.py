@@ -1,0 +1,141 @@
+"""What the capture knows about optimizers: which are supported, how their
+state is created before tracing, and how fused Adam becomes a functional op.
+
+Supported: Adam and AdamW (fused, foreach or single-tensor) and SGD (with or
+without momentum). Their state is created up front because a graph that
+creates state in its first iteration is not the graph of a steady training
+step.
+"""
+
+import torch
+from torch.optim import SGD, Adam, AdamW, Optimizer
+
+from .errors import CaptureError
+
+SUPPORTED_OPTIMIZERS = (Adam, AdamW, SGD)
+aten = torch.ops.aten
+
+
+def check_supported(optimizer: Optimizer, model_params: list[torch.Tensor]) -> None:
+    """Raise CaptureError for an optimizer or parameter group the capture cannot handle."""
+    if type(optimizer) not in SUPPORTED_OPTIMIZERS:
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_OPTIMIZERS)
+        raise CaptureError(
+            f"unsupported optimizer {type(optimizer).__name__}: the capture supports {names}. "
+            "Use one of those, or profile the model through torch.compile(backend='mutwo_profile'), "
+            "which leaves the optimizer outside the graph."
+        )
+    known = {id(p) for p in model_params}
+    for index, group in enumerate(optimizer.param_groups):
+        for p in group["params"]:
+            if id(p) not in known:
+                raise CaptureError(
+                    f"optimizer parameter group {index} holds a tensor of shape {tuple(p.shape)} "
+                    "that is not a parameter of the model: build the optimizer from "
+                    "model.parameters() (or a subset of them)."
+                )
+        if group.get("differentiable", False):
+            raise CaptureError(
+                f"optimizer parameter group {index} has differentiable=True: the capture traces "
+                "the optimizer under no_grad; create the optimizer with differentiable=False."
+            )
+        if isinstance(optimizer, (Adam, AdamW)) and isinstance(group["lr"], torch.Tensor):
+            if not group["fused"] and not group["capturable"]:
+                raise CaptureError(
+                    f"optimizer parameter group {index} has a Tensor lr without fused=True or "
+                    "capturable=True, which Adam itself rejects: pass lr as a float."
+                )
+        if isinstance(optimizer, SGD) and group["momentum"] != 0 and group["dampening"] != 0:
+            missing = [p for p in group["params"] if "momentum_buffer" not in optimizer.state.get(p, {})]
+            if missing:
+                raise CaptureError(
+                    f"optimizer parameter group {index} is SGD with dampening="
+                    f"{group['dampening']} and no momentum buffer yet: its first step differs "
+                    "from the steady one. Run one eager training step before capturing."
+                )
+
+
+def init_state(optimizer: Optimizer) -> list[tuple[torch.Tensor, str]]:
+    """Create missing optimizer state exactly as the optimizer's first step would
+    before updating, without touching parameters. Returns what was created, so a
+    failed capture can remove it again."""
+    created = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            state = optimizer.state[p]
+            for key, value in _initial_state(optimizer, group, p).items():
+                if key not in state:
+                    state[key] = value
+                    created.append((p, key))
+            if not state:
+                del optimizer.state[p]
+    return created
+
+
+def remove_state(optimizer: Optimizer, created: list[tuple[torch.Tensor, str]]) -> None:
+    """Undo init_state."""
+    for p, key in created:
+        state = optimizer.state[p]
+        state.pop(key, None)
+        if not state:
+            del optimizer.state[p]
+
+
+def _initial_state(optimizer: Optimizer, group: dict, p: torch.Tensor) -> dict:
+    zeros = lambda: torch.zeros_like(p, memory_format=torch.preserve_format)  # noqa: E731
+    if isinstance(optimizer, (Adam, AdamW)):
+        # Same placement as Adam._init_group: on the parameter's device when
+        # fused or capturable, else a float32 scalar on the CPU.
+        on_device = group["fused"] or group["capturable"]
+        state = {
+            "step": torch.zeros((), dtype=torch.float32, device=p.device if on_device else "cpu"),
+            "exp_avg": zeros(),
+            "exp_avg_sq": zeros(),
+        }
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = zeros()
+        return state
+    if group["momentum"] != 0:
+        # SGD's first step sets buf = grad; with dampening 0 a zero buffer gives
+        # buf = momentum * 0 + grad, the same bits.
+        return {"momentum_buffer": zeros()}
+    return {}
+
+
+def _functional_fused(functional_op):
+    """Decomposition of an in-place fused Adam(W) op into its functional twin
+    plus copies back into parameters and state (and grads, when unscaled)."""
+
+    def decomposition(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs):
+        new_params, new_grads, new_avgs, new_avg_sqs, new_max = functional_op(
+            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs
+        )
+        targets = [(params, new_params), (exp_avgs, new_avgs), (exp_avg_sqs, new_avg_sqs),
+                   (max_exp_avg_sqs, new_max)]
+        if kwargs.get("grad_scale") is not None:
+            targets.append((grads, new_grads))
+        for old_list, new_list in targets:
+            for old, new in zip(old_list, new_list):
+                old.copy_(new)
+
+    return decomposition
+
+
+def _foreach_addcdiv_tensor_scalars(self, tensor1, tensor2, scalars):
+    """``_foreach_addcdiv_`` with its scalars in a tensor, as foreach Adam issues it
+    on its traceable path; fake tensors cannot run that overload's meta kernel."""
+    quotients = torch._foreach_div(tensor1, tensor2)
+    torch._foreach_mul_(quotients, list(scalars.to(self[0].device).unbind()))
+    torch._foreach_add_(self, quotients)
+
+
+# make_fx decomposition table of the capture.
+CAPTURE_DECOMPOSITIONS = {
+    aten._foreach_addcdiv_.Tensor: _foreach_addcdiv_tensor_scalars,
+    aten._fused_adam_.default: _functional_fused(aten._fused_adam.default),
+    aten._fused_adam_.tensor_lr: _functional_fused(aten._fused_adam.tensor_lr),
+    aten._fused_adamw_.default: _functional_fused(aten._fused_adamw.default),
+    aten._fused_adamw_.tensor_lr: _functional_fused(aten._fused_adamw.tensor_lr),
+}
