@@ -1,8 +1,8 @@
-"""The project's exceptions: every message names the problem and the fix."""
+"""Errors raised by mutwo_backend; every message names the problem and the fix."""
 
+from passes.errors import AnalysisError, MutwoError
 
-class MutwoError(RuntimeError):
-    """Base class of every error mutwo raises on bad input."""
+__all__ = ["AnalysisError", "CaptureError", "MutwoError"]
 
 
 class CaptureError(MutwoError):

@@ -1,0 +1,1 @@
+"""Graph analysis passes over fx graphs of a training iteration."""
