@@ -12,6 +12,7 @@ running it is a real training iteration.
 import contextlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Callable
 
 import torch
@@ -20,7 +21,9 @@ from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.stateless import _reparametrize_module
 
-from . import separator
+from passes.hints import GraphHints
+
+from . import separator  # noqa: F401  (defines torch.ops.separator)
 from .errors import CaptureError
 from .optimizers import CAPTURE_DECOMPOSITIONS, check_supported, init_state, remove_state
 
@@ -61,6 +64,17 @@ class TrainStepGraph:
         self.buffer_names = buffer_names
         self.state_keys = state_keys
         self.placeholder_roles = placeholder_roles
+
+    @property
+    def hints(self) -> GraphHints:
+        """Roles of the placeholders, for passes.run_pipeline."""
+        by_kind = lambda kind: frozenset(n for n, r in self.placeholder_roles.items() if r.kind == kind)  # noqa: E731
+        frozen = {name for name, p in self.model.named_parameters() if not p.requires_grad}
+        return GraphHints(
+            params=by_kind("param"), buffers=by_kind("buffer"), opt_states=by_kind("opt_state"),
+            frozen_params=frozenset(n for n, r in self.placeholder_roles.items()
+                                    if r.kind == "param" and r.name in frozen),
+            names=MappingProxyType({n: r.name for n, r in self.placeholder_roles.items()}))
 
     def graph_inputs(self, *args) -> tuple:
         """The real tensors the graph takes, in the structure it was traced with."""
