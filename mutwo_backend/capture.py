@@ -16,6 +16,7 @@ from types import MappingProxyType
 from typing import Any, Callable
 
 import torch
+import torch.optim.adam as adam_module
 import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.fx.experimental.proxy_tensor import make_fx
@@ -178,32 +179,47 @@ class _InputRoles:
 
 
 class _StepWatch:
-    """Counts optimizer.step() calls while tracing and whether grads existed then."""
+    """Counts optimizer.step() calls while tracing and whether grads existed
+    then, and puts each step on the optimizer's traceable path."""
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
         self.steps = 0
         self.steps_with_grads = 0
+        self._in_step = contextlib.ExitStack()
 
     def _pre_hook(self, optimizer, args, kwargs):
         self.steps += 1
         if any(p.grad is not None for g in optimizer.param_groups for p in g["params"]):
             self.steps_with_grads += 1
-        # Let the optimizer keep step counts and bias corrections as tensors
-        # (its traceable path) instead of calling .item() on fake tensors.
-        self._compiling = torch.compiler._is_compiling_flag
-        torch.compiler._is_compiling_flag = True
+        self._in_step.enter_context(_traceable_optimizer_step())
 
     def _post_hook(self, optimizer, args, kwargs):
-        torch.compiler._is_compiling_flag = self._compiling
+        self._in_step.close()
 
     def __enter__(self):
         self._handles = [self.optimizer.register_step_pre_hook(self._pre_hook),
                          self.optimizer.register_step_post_hook(self._post_hook)]
 
     def __exit__(self, *exc):
+        self._in_step.close()  # a step that raised never reached its post hook
         for handle in self._handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def _traceable_optimizer_step():
+    """Let the optimizer keep step counts and bias corrections as tensors (its
+    traceable path, as under torch.compile) instead of calling .item() on fake
+    tensors. The step count is read as float64, so bias corrections are
+    computed in double precision, as eager does with Python floats."""
+    compiling, get_value = torch.compiler._is_compiling_flag, adam_module._get_value
+    torch.compiler._is_compiling_flag = True
+    adam_module._get_value = lambda x: x.to(torch.float64) if isinstance(x, torch.Tensor) else x
+    try:
+        yield
+    finally:
+        torch.compiler._is_compiling_flag, adam_module._get_value = compiling, get_value
 
 
 @contextlib.contextmanager

@@ -125,10 +125,11 @@ def _functional_fused(functional_op):
 
 def _foreach_addcdiv_tensor_scalars(self, tensor1, tensor2, scalars):
     """``_foreach_addcdiv_`` with its scalars in a tensor, as foreach Adam issues it
-    on its traceable path; fake tensors cannot run that overload's meta kernel."""
-    quotients = torch._foreach_div(tensor1, tensor2)
-    torch._foreach_mul_(quotients, list(scalars.to(self[0].device).unbind()))
-    torch._foreach_add_(self, quotients)
+    on its traceable path; fake tensors cannot run that overload's meta kernel.
+    Evaluated as the CPU and CUDA kernels do: self + (scalar * tensor1) / tensor2."""
+    scaled = torch._foreach_mul(tensor1, list(scalars.to(self[0].device).unbind()))
+    torch._foreach_div_(scaled, tensor2)
+    torch._foreach_add_(self, scaled)
 
 
 # make_fx decomposition table of the capture.

@@ -1,0 +1,255 @@
+"""The captured train step against eager PyTorch: same losses, parameters,
+optimizer state and buffers; the graph's structure; errors on bad input."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import mutwo_backend
+from mutwo_backend import CaptureError, capture_train_step
+from mutwo_backend.models import get_model, train_step, zoo_train_step
+
+OPTIMIZERS = {
+    "adam-fused": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
+    "adamw-fused": lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.01, fused=True),
+    "adam-foreach": lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.01, momentum=0.9),
+}
+
+
+class SmallCNN(nn.Module):
+    """Conv + BatchNorm + dropout: buffers mutated in place and a random op.
+    The conv has no bias, as before any BatchNorm: a bias there has a zero true
+    gradient, and Adam would amplify rounding noise in it to the size of lr."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.dropout = nn.Dropout(0.2)
+        self.head = nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        x = self.dropout(torch.relu(self.bn(self.conv(x))))
+        return self.head(x.flatten(1))
+
+
+def small_cnn_case():
+    spec = get_model("mlp")
+    batch = (torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,)))
+    return SmallCNN(), batch, spec
+
+
+def zoo_case(name, batch_size, seq_len=16):
+    spec = get_model(name)
+    return spec.build(), spec.make_batch(batch_size, seq_len, torch.device("cpu")), spec
+
+
+CASES = {
+    "mlp": lambda: zoo_case("mlp", 8),
+    "small-cnn": small_cnn_case,
+    "resnet18": lambda: zoo_case("resnet18", 2),
+    "bert-tiny": lambda: zoo_case("bert-tiny", 2),
+}
+
+
+def max_abs_diff(a, b):
+    return max(((x.double() - y.double()).abs().max().item() for x, y in zip(a, b)), default=0.0)
+
+
+def optimizer_tensors(model, optimizer):
+    return [v for p in model.parameters() for v in optimizer.state[p].values()
+            if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize("optimizer_name", OPTIMIZERS)
+@pytest.mark.parametrize("case", CASES)
+def test_captured_step_equals_eager(case, optimizer_name):
+    torch.manual_seed(0)
+    model, (inputs, targets), spec = CASES[case]()
+    model.train()
+    eager_model = copy.deepcopy(model)
+    optimizer = OPTIMIZERS[optimizer_name](model.parameters())
+    eager_optimizer = OPTIMIZERS[optimizer_name](eager_model.parameters())
+    step_fn = zoo_train_step(spec)
+
+    step = capture_train_step(step_fn, model, optimizer, inputs, targets)
+    captured_losses, eager_losses = [], []
+    for iteration in range(2):
+        torch.manual_seed(100 + iteration)
+        captured_losses.append(step(inputs, targets).detach())
+        torch.manual_seed(100 + iteration)
+        eager_losses.append(step_fn(eager_model, eager_optimizer, inputs, targets).detach())
+
+    assert max_abs_diff(captured_losses, eager_losses) <= 1e-6
+    assert max_abs_diff(model.parameters(), eager_model.parameters()) <= 1e-6
+    assert max_abs_diff(model.buffers(), eager_model.buffers()) <= 1e-6
+    states = optimizer_tensors(model, optimizer)
+    eager_states = optimizer_tensors(eager_model, eager_optimizer)
+    assert len(states) == len(eager_states) > 0
+    assert max_abs_diff(states, eager_states) <= 1e-6
+    # The parameters really moved: the comparison above is not vacuous.
+    assert max_abs_diff(model.parameters(), copy.deepcopy(CASES[case]()[0]).parameters()) > 0
+
+
+@pytest.fixture(scope="module")
+def fused_bert_step():
+    torch.manual_seed(0)
+    model, (inputs, targets), spec = zoo_case("bert-tiny", 2)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    return capture_train_step(zoo_train_step(spec), model, optimizer, inputs, targets)
+
+
+def test_graph_has_one_separator_pair_before_one_fused_adam(fused_bert_step):
+    nodes = list(fused_bert_step.gm.graph.nodes)
+    rank = {n: i for i, n in enumerate(nodes)}
+    seps = [n for n in nodes if n.target == torch.ops.separator.sep.default]
+    sep_backwards = [n for n in nodes if n.target == torch.ops.separator.sep_backward.default]
+    adams = [n for n in nodes if n.target == torch.ops.aten._fused_adam.default]
+    assert len(seps) == len(sep_backwards) == len(adams) == 1
+    assert rank[seps[0]] < rank[sep_backwards[0]] < rank[adams[0]]
+    assert not any(n.target == torch.ops.aten._fused_adam_.default for n in nodes)
+
+
+def test_fused_adam_params_map_one_to_one_onto_model_parameters(fused_bert_step):
+    adam = next(n for n in fused_bert_step.gm.graph.nodes
+                if n.target == torch.ops.aten._fused_adam.default)
+    roles = fused_bert_step.placeholder_roles
+    adam_params = [roles[p.name].name for p in adam.args[0]]
+    model_params = [name for name, _ in fused_bert_step.model.named_parameters()]
+    assert adam_params == model_params
+    assert len(set(adam_params)) == len(adam_params)
+
+
+def test_tied_weights_are_one_parameter(fused_bert_step):
+    model = fused_bert_step.model
+    decoder = model.cls.predictions.decoder.weight
+    assert decoder is model.bert.embeddings.word_embeddings.weight
+    param_placeholders = [r for r in fused_bert_step.placeholder_roles.values() if r.kind == "param"]
+    assert len(param_placeholders) == len(list(model.parameters()))
+    assert "cls.predictions.decoder.weight" not in {r.name for r in param_placeholders}
+
+
+def test_missing_optimizer_state_is_created_without_changing_parameters():
+    model, (inputs, targets), spec = zoo_case("mlp", 4)
+    before = copy.deepcopy(model.state_dict())
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    capture_train_step(zoo_train_step(spec), model, optimizer, inputs, targets)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for p in model.parameters():
+        state = optimizer.state[p]
+        assert state["step"].item() == 0
+        assert not state["exp_avg"].any() and not state["exp_avg_sq"].any()
+
+
+def test_step_returns_what_train_step_returns_and_keeps_grads_it_leaves():
+    """A step that zeroes grads before backward leaves them set, as eager does."""
+    torch.manual_seed(0)
+    model, (inputs, targets), spec = zoo_case("mlp", 4)
+    model.eval()  # no dropout: the two runs need no shared RNG
+    eager_model = copy.deepcopy(model)
+
+    def grads_kept(model, optimizer, x, y):
+        optimizer.zero_grad()
+        loss = spec.loss(mutwo_backend.sep(model(x)), y)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss}
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = capture_train_step(grads_kept, model, optimizer, inputs, targets)
+    out = step(inputs, targets)
+    eager_out = grads_kept(eager_model, torch.optim.SGD(eager_model.parameters(), lr=0.1), inputs, targets)
+    assert torch.allclose(out["loss"], eager_out["loss"], atol=1e-6)
+    assert max_abs_diff([p.grad for p in model.parameters()],
+                        [p.grad for p in eager_model.parameters()]) <= 1e-6
+
+
+# --- bad input -------------------------------------------------------------
+
+def no_sep(model, optimizer, x, y):
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def no_backward(model, optimizer, x, y):
+    nn.functional.cross_entropy(mutwo_backend.sep(model(x)), y)
+    optimizer.step()
+
+
+def no_optimizer_step(model, optimizer, x, y):
+    nn.functional.cross_entropy(mutwo_backend.sep(model(x)), y).backward()
+    optimizer.zero_grad()
+
+
+def loss_ignores_sep(model, optimizer, x, y):
+    out = model(x)
+    mutwo_backend.sep(out)
+    nn.functional.cross_entropy(out, y).backward()
+    optimizer.step()
+
+
+def reads_a_value(model, optimizer, x, y):
+    loss = nn.functional.cross_entropy(mutwo_backend.sep(model(x)), y)
+    if loss.item() > 0:
+        loss.backward()
+    optimizer.step()
+
+
+def snapshot(model, optimizer):
+    return (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
+            [list(g["params"]) for g in optimizer.param_groups], dict(optimizer.state))
+
+
+def assert_unchanged(before, model, optimizer):
+    state, opt_state, groups, opt_state_map = before
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert optimizer.state_dict()["state"].keys() == opt_state["state"].keys()
+    assert [list(g["params"]) for g in optimizer.param_groups] == groups
+    assert dict(optimizer.state) == opt_state_map
+
+
+@pytest.mark.parametrize("bad_step, message", [
+    (no_sep, "never called mutwo_backend.sep"),
+    (no_backward, "never called loss.backward()"),
+    (no_optimizer_step, "never called optimizer.step()"),
+    (loss_ignores_sep, "does not depend on the output of mutwo_backend.sep"),
+    (reads_a_value, "must not read tensor values"),
+])
+def test_bad_train_step_raises_and_leaves_model_unchanged(bad_step, message):
+    model, (inputs, targets), _ = zoo_case("mlp", 4)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    before = snapshot(model, optimizer)
+    with pytest.raises(CaptureError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        capture_train_step(bad_step, model, optimizer, inputs, targets)
+    assert_unchanged(before, model, optimizer)
+
+
+@pytest.mark.parametrize("make_optimizer, message", [
+    (lambda m: torch.optim.RMSprop(m.parameters()), "unsupported optimizer RMSprop"),
+    (lambda m: torch.optim.Adam([nn.Parameter(torch.zeros(3))]), "not a parameter of the model"),
+    (lambda m: torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, dampening=0.5),
+     "Run one eager training step"),
+])
+def test_unsupported_optimizer_or_groups_raise(make_optimizer, message):
+    model, (inputs, targets), spec = zoo_case("mlp", 4)
+    optimizer = make_optimizer(model)
+    before = snapshot(model, optimizer)
+    with pytest.raises(CaptureError, match=message):
+        capture_train_step(zoo_train_step(spec), model, optimizer, inputs, targets)
+    assert_unchanged(before, model, optimizer)
+
+
+def test_inputs_on_another_device_raise():
+    model, (inputs, targets), spec = zoo_case("mlp", 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(CaptureError, match="input args\\[0\\] is on meta but the model is on cpu"):
+        capture_train_step(zoo_train_step(spec), model, optimizer, inputs.to("meta"), targets)
+
+
+def test_errors_are_mutwo_errors():
+    assert issubclass(CaptureError, mutwo_backend.MutwoError)
