@@ -87,8 +87,13 @@ class TrainStepGraph:
                 {n: buffers[n] for n in self.buffer_names}, states, args)
 
     def __call__(self, *args):
+        return self.run(*args)
+
+    def run(self, *args, executor: Callable | None = None):
+        """One real training iteration; ``executor`` (default: the graph
+        module itself) is called with the graph's inputs, e.g. an interpreter."""
         with torch.no_grad():
-            out, grads = self.gm(*self.graph_inputs(*args))
+            out, grads = (executor or self.gm)(*self.graph_inputs(*args))
         params = dict(self.model.named_parameters())
         for name, grad in zip(self.param_names, grads):
             params[name].grad = grad

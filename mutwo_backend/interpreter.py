@@ -1,0 +1,162 @@
+"""ProfilingInterpreter: runs an fx graph node by node and records, per node,
+its run time, the allocator's memory around it and (optionally) real swap
+copies of activations, without changing any result."""
+
+import time
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import fx
+
+from .errors import MutwoError
+from .timers import make_timer
+
+
+class NodeExecutionError(MutwoError):
+    """A node raised while the graph ran; names the node."""
+
+
+@dataclass
+class IterationRecord:
+    """What one run of a graph measured, per node in graph order.
+
+    The memory arrays come from the CUDA caching allocator and are None on
+    the CPU, where the memory simulation pass stands in for them."""
+
+    run_time_ms: np.ndarray
+    wall_ms: float
+    allocated_before_bytes: np.ndarray | None = None
+    allocated_after_bytes: np.ndarray | None = None
+    peak_bytes: np.ndarray | None = None
+    output_bytes: np.ndarray | None = None
+    swap_out_measured_ms: dict[str, float] = field(default_factory=dict)
+    swap_in_measured_ms: dict[str, float] = field(default_factory=dict)
+
+
+class ProfilingInterpreter(fx.Interpreter):
+    """Interprets ``gm`` with a timer around every node.
+
+    ``swap_out_after`` maps a node name to the activations whose last forward
+    access it is; ``swap_in_before`` maps a node name to the activations whose
+    first backward access it is. With ``measure_swaps`` (CUDA only) those
+    activations are really copied to pinned host memory and back on a side
+    stream; the copies are timed and never used, so results do not change."""
+
+    def __init__(self, gm: fx.GraphModule, device: torch.device, timer: str,
+                 swap_out_after: Mapping[str, Sequence[str]] = None,
+                 swap_in_before: Mapping[str, Sequence[str]] = None,
+                 measure_swaps: bool = False):
+        super().__init__(gm, garbage_collect_values=True)
+        self.nodes = list(gm.graph.nodes)
+        self.index = {n: i for i, n in enumerate(self.nodes)}
+        self.by_name = {n.name: n for n in self.nodes}
+        self.device = device
+        self.timer_name = timer
+        self.timer = make_timer(timer, len(self.nodes))
+        self.on_cuda = device.type == "cuda"
+        self.swap_out_after = {self.by_name[k]: v for k, v in (swap_out_after or {}).items()}
+        self.swap_in_before = {self.by_name[k]: v for k, v in (swap_in_before or {}).items()}
+        if measure_swaps and not self.on_cuda:
+            raise MutwoError("swap='measure' copies activations to pinned host memory and needs "
+                             "a CUDA device: use swap='model' on the CPU.")
+        self.swaps = SwapCopies() if measure_swaps else None
+
+    def run_iteration(self, *args):
+        """Run the graph once; return (outputs, IterationRecord)."""
+        count = len(self.nodes)
+        self._memory = np.zeros((4, count), dtype=np.int64) if self.on_cuda else None
+        start = time.perf_counter()
+        self.timer.start_iteration()
+        try:
+            out = self.run(*args)
+        finally:
+            run_time_ms = self.timer.finish_iteration()
+        if self.on_cuda:
+            torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - start) * 1e3
+        record = IterationRecord(run_time_ms, wall_ms)
+        if self.on_cuda:
+            (record.allocated_before_bytes, record.allocated_after_bytes,
+             record.peak_bytes, record.output_bytes) = self._memory
+        if self.swaps is not None:
+            record.swap_out_measured_ms, record.swap_in_measured_ms = self.swaps.finish()
+        return out, record
+
+    def run_node(self, n: fx.Node):
+        i = self.index[n]
+        if self.swaps is not None and n in self.swap_in_before:
+            for name in self.swap_in_before[n]:
+                self.swaps.copy_in(name, self.env[self.by_name[name]])
+        if self.on_cuda:
+            self._memory[0, i] = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.timer.before(i)
+        try:
+            result = super().run_node(n)
+        except Exception as error:
+            raise NodeExecutionError(
+                f"node {n.name} (rank {i}, {n.op} {n.target}) failed: {type(error).__name__}: {error}"
+            ) from error
+        self.timer.after(i)
+        if self.on_cuda:
+            self._memory[1, i] = torch.cuda.memory_allocated(self.device)
+            self._memory[2, i] = torch.cuda.max_memory_allocated(self.device)
+            self._memory[3, i] = _storage_bytes(result)
+        if self.swaps is not None and n in self.swap_out_after:
+            for name in self.swap_out_after[n]:
+                value = result if name == n.name else self.env[self.by_name[name]]
+                self.swaps.copy_out(name, value)
+        return result
+
+
+def _storage_bytes(result) -> int:
+    """Bytes of the node's output storages, each storage counted once."""
+    seen, total = set(), 0
+    for leaf in torch.utils._pytree.tree_leaves(result):
+        if isinstance(leaf, torch.Tensor):
+            storage = leaf.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+    return total
+
+
+class SwapCopies:
+    """Real device<->pinned-host copies of activations on a side stream, timed
+    with CUDA events. Nothing reads the copies: results cannot change."""
+
+    def __init__(self):
+        self.stream = torch.cuda.Stream()
+        self.host = {}
+        self.pending = []
+
+    def _copy(self, direction: str, name: str, dst: torch.Tensor, src: torch.Tensor):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+        for tensor in (dst, src):
+            if tensor.is_cuda:
+                tensor.record_stream(self.stream)
+        self.pending.append((direction, name, start, end))
+
+    def copy_out(self, name: str, value: torch.Tensor):
+        if name not in self.host:
+            self.host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        self._copy("out", name, self.host[name], value)
+
+    def copy_in(self, name: str, like: torch.Tensor):
+        if name in self.host:
+            self._copy("in", name, torch.empty_like(like), self.host[name])
+
+    def finish(self) -> tuple[dict[str, float], dict[str, float]]:
+        self.stream.synchronize()
+        times = {"out": {}, "in": {}}
+        for direction, name, start, end in self.pending:
+            times[direction][name] = start.elapsed_time(end)
+        self.pending.clear()
+        return times["out"], times["in"]

@@ -1,0 +1,136 @@
+"""GraphProfiler ties a captured graph, its static analysis, the profiling
+interpreter and the statistics together; profile_train_step is the one-call
+entry point for a user's train step."""
+
+import logging
+import time
+
+import numpy as np
+import torch
+from torch import fx
+
+from passes import GraphAnalysis, run_pipeline
+
+from .capture import capture_train_step
+from .errors import MutwoError
+from .interpreter import ProfilingInterpreter
+from .metrics import activation_metrics
+from .report import SCHEMA, Report
+from .statistics import NodeStatistics, Statistics, format_statistics
+from .swap import swap_model
+from .timers import default_timer
+
+log = logging.getLogger("mutwo")
+SWAP_MODES = ("model", "measure")
+
+
+class GraphProfiler:
+    """Profiles repeated runs of one graph (the plan's GraphProfiler).
+
+    Call ``run(*graph_inputs)`` per iteration, ``reset_stats()`` after the
+    warm-up, then ``aggregate_stats()`` / ``print_stats()`` / ``report()``."""
+
+    def __init__(self, gm: fx.GraphModule, analysis: GraphAnalysis, device: torch.device,
+                 timer: str | None = None, swap: str = "model"):
+        if swap not in SWAP_MODES:
+            raise MutwoError(f"unknown swap mode {swap!r}: choose one of {', '.join(SWAP_MODES)}")
+        self.gm, self.analysis, self.device, self.swap = gm, analysis, device, swap
+        self.timer = timer or default_timer(device)
+        self.swap_model = swap_model(device)
+        swap_out_after, swap_in_before = {}, {}
+        for node, info in analysis.activations.items():
+            swap_out_after.setdefault(analysis.nodes[info.last_fw_rank].name, []).append(node.name)
+            swap_in_before.setdefault(analysis.nodes[info.first_bw_rank].name, []).append(node.name)
+        self.interpreter = ProfilingInterpreter(gm, device, self.timer, swap_out_after, swap_in_before,
+                                                measure_swaps=swap == "measure")
+        self.stats = Statistics()
+
+    def run(self, *graph_inputs):
+        out, record = self.interpreter.run_iteration(*graph_inputs)
+        self.stats.add(record)
+        return out
+
+    def reset_stats(self) -> None:
+        """Drop the iterations so far (the warm-up)."""
+        self.stats.reset()
+
+    def aggregate_stats(self) -> NodeStatistics:
+        return self.stats.aggregate()
+
+    def print_stats(self) -> None:
+        print(format_statistics([n.name for n in self.interpreter.nodes], self.aggregate_stats()))
+
+    def report(self, meta: dict) -> Report:
+        stats = self.aggregate_stats()
+        analysis, memory = self.analysis, self.analysis.memory
+        activations = activation_metrics(analysis, stats.run_time_ms, self.swap_model,
+                                         stats.swap_out_measured_ms if self.swap == "measure" else None,
+                                         stats.swap_in_measured_ms if self.swap == "measure" else None)
+        measured = stats.peak_bytes is not None
+        nodes = []
+        for rank, node in enumerate(analysis.nodes):
+            nodes.append({
+                "name": node.name, "rank": rank, "op": node.op, "target": _target_name(node),
+                "region": analysis.regions[node].value, "kind": analysis.kinds[node].value,
+                "run_time_ms": float(stats.run_time_ms[rank]),
+                "run_time_min_ms": float(stats.run_time_min_ms[rank]),
+                "run_time_max_ms": float(stats.run_time_max_ms[rank]),
+                "peak_bytes": int(stats.peak_bytes[rank] if measured else memory.peak_during_bytes[rank]),
+                "active_bytes": int(stats.allocated_after_bytes[rank] if measured else memory.live_bytes[rank]),
+                "output_bytes": int(stats.output_bytes[rank] if measured else analysis.output_bytes[node]),
+                "simulated_live_bytes": int(memory.live_bytes[rank]),
+            })
+        meta = {
+            **meta, "device": str(self.device), "device_name": _device_name(self.device),
+            "torch_version": torch.__version__, "timer": self.timer, "warmup": meta.get("warmup"),
+            "iters": stats.iterations, "iteration_time_ms": stats.iteration_ms,
+            "instrumented_wall_ms": stats.wall_ms, "swap": self.swap,
+            "swap_model": self.swap_model.to_dict(),
+        }
+        notes = list(meta.get("notes", []))
+        if self.swap_model.estimated:
+            notes.append("swap times are estimated (no GPU): a default model of "
+                         f"{self.swap_model.device_to_host.bytes_per_ms / 1e6:.0f} GB/s each way")
+        meta["notes"] = notes
+        return Report({
+            "schema": SCHEMA, "meta": meta, "nodes": nodes,
+            "activations": [a.to_dict() for a in activations],
+            "memory": {
+                "peak_bytes": int(memory.peak_bytes), "peak_rank": int(memory.peak_rank),
+                "breakdown_at_peak": {k.value: int(v) for k, v in memory.breakdown_at_peak.items()},
+                "timeline": {kind.value: [int(b) for b in memory.timeline_of(kind)] for kind in memory.kinds},
+                "measured_peak_bytes": int(stats.peak_bytes.max()) if measured else None,
+                "measured_allocated_after_bytes": ([int(b) for b in stats.allocated_after_bytes]
+                                                   if measured else None),
+            },
+        })
+
+
+def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, iters: int = 3,
+                       timer: str | None = None, swap: str = "model", model_name: str | None = None):
+    """Capture ``train_step``, analyse its graph, run ``warmup`` + ``iters``
+    real training iterations through the profiling interpreter and return the
+    Report of the measured ones. The model and optimizer are trained by those
+    iterations exactly as eager training would train them."""
+    if iters < 1 or warmup < 0:
+        raise MutwoError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    device = next(model.parameters()).device
+    started = time.perf_counter()
+    step = capture_train_step(train_step, model, optimizer, *args)
+    log.info("captured %d nodes in %.1f s", len(step.gm.graph.nodes), time.perf_counter() - started)
+    analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
+    profiler = GraphProfiler(step.gm, analysis, device, timer, swap)
+    for i in range(warmup + iters):
+        if i == warmup:
+            profiler.reset_stats()
+        step.run(*args, executor=profiler.run)
+    return profiler.report({"model": model_name or type(model).__name__, "capture": "train-step",
+                            "warmup": warmup})
+
+
+def _target_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"

@@ -1,0 +1,139 @@
+"""Per-node timers for the profiling interpreter.
+
+Every timer has the same life cycle per iteration: ``start_iteration()``,
+``before(i)`` / ``after(i)`` around node i, then ``finish_iteration()``
+returns the milliseconds of each node. Names are the ones reports record:
+
+- ``cpu``: ``time.perf_counter_ns`` around each node (CPU execution).
+- ``cuda-events``: a CUDA event pair around each node, created once and
+  reused, resolved with one synchronize per iteration. It measures launch
+  latency plus kernel time: when the interpreter issues work more slowly than
+  the GPU runs it, the GPU idles inside the pairs and times come out too high.
+- ``cupti``: the GPU's own kernel, memcpy and memset durations, collected
+  by torch.profiler (CUPTI) and attributed to the node that launched them.
+  Launch gaps are not counted, so per-node times add up to the kernel time of
+  the iteration.
+"""
+
+import bisect
+import time
+
+import numpy as np
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from .errors import MutwoError
+
+TIMERS = ("cpu", "cuda-events", "cupti")
+
+
+def default_timer(device: torch.device) -> str:
+    return "cupti" if device.type == "cuda" else "cpu"
+
+
+def make_timer(name: str, node_count: int):
+    if name not in TIMERS:
+        raise MutwoError(f"unknown timer {name!r}: choose one of {', '.join(TIMERS)}")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise MutwoError(f"timer {name!r} needs a CUDA GPU and none is visible: use timer='cpu'.")
+    return {"cpu": CpuTimer, "cuda-events": CudaEventTimer, "cupti": CuptiTimer}[name](node_count)
+
+
+class CpuTimer:
+    """Host wall time per node."""
+
+    def __init__(self, node_count: int):
+        self._start_ns = np.zeros(node_count, dtype=np.int64)
+        self._end_ns = np.zeros(node_count, dtype=np.int64)
+
+    def start_iteration(self):
+        self._start_ns[:] = 0
+        self._end_ns[:] = 0
+
+    def before(self, i: int):
+        self._start_ns[i] = time.perf_counter_ns()
+
+    def after(self, i: int):
+        self._end_ns[i] = time.perf_counter_ns()
+
+    def finish_iteration(self) -> np.ndarray:
+        return (self._end_ns - self._start_ns) / 1e6
+
+
+class CudaEventTimer:
+    """A CUDA event pair per node, created once; one synchronize per iteration."""
+
+    def __init__(self, node_count: int):
+        self._starts = [torch.cuda.Event(enable_timing=True) for _ in range(node_count)]
+        self._ends = [torch.cuda.Event(enable_timing=True) for _ in range(node_count)]
+
+    def start_iteration(self):
+        pass
+
+    def before(self, i: int):
+        self._starts[i].record()
+
+    def after(self, i: int):
+        self._ends[i].record()
+
+    def finish_iteration(self) -> np.ndarray:
+        torch.cuda.synchronize()
+        return np.array([s.elapsed_time(e) for s, e in zip(self._starts, self._ends)])
+
+
+class CuptiTimer:
+    """GPU activity durations from torch.profiler, attributed to nodes.
+
+    Each node runs inside ``record_function("mutwo#<i>")``. A GPU event links
+    (``linked_correlation_id``) to the CPU op that launched it; the launching
+    op's start time falls inside exactly one node's range."""
+
+    _PREFIX = "mutwo#"
+
+    def __init__(self, node_count: int):
+        self._node_count = node_count
+        self._profiler = None
+        self._range = None
+        self.unattributed_ms = 0.0
+
+    def start_iteration(self):
+        self._profiler = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+        self._profiler.__enter__()
+
+    def before(self, i: int):
+        self._range = record_function(f"{self._PREFIX}{i}")
+        self._range.__enter__()
+
+    def after(self, i: int):
+        self._range.__exit__(None, None, None)
+
+    def finish_iteration(self) -> np.ndarray:
+        torch.cuda.synchronize()
+        self._profiler.__exit__(None, None, None)
+        events = self._profiler.profiler.kineto_results.events()
+        self._profiler = None
+        return self._attribute(events)
+
+    def _attribute(self, events) -> np.ndarray:
+        ranges, cpu_start_ns, gpu_events = [], {}, []
+        for event in events:
+            if event.device_type() == torch.autograd.DeviceType.CPU:
+                cpu_start_ns[event.correlation_id()] = event.start_ns()
+                name = event.name()
+                if name.startswith(self._PREFIX):
+                    ranges.append((event.start_ns(), event.end_ns(), int(name[len(self._PREFIX):])))
+            else:
+                gpu_events.append(event)
+        ranges.sort()
+        starts = [r[0] for r in ranges]
+        times_ms = np.zeros(self._node_count)
+        unattributed_ns = 0
+        for event in gpu_events:
+            launch_ns = cpu_start_ns.get(event.linked_correlation_id())
+            where = bisect.bisect_right(starts, launch_ns) - 1 if launch_ns is not None else -1
+            if where >= 0 and launch_ns <= ranges[where][1]:
+                times_ms[ranges[where][2]] += event.duration_ns() / 1e6
+            else:
+                unattributed_ns += event.duration_ns()
+        self.unattributed_ms = unattributed_ns / 1e6
+        return times_ms
