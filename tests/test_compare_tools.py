@@ -1,0 +1,69 @@
+"""CPU smoke test of benchmarks/compare_torch_tools.py on the zoo's MLP."""
+
+import importlib.util
+import json
+import os
+
+import torch
+
+import mutwo_backend.models  # noqa: F401  (the script then imports the package normally)
+
+SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "compare_torch_tools.py")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("compare_torch_tools", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_tool_on_cpu(tmp_path):
+    ctt = load_script()
+    case = ctt.Case("mlp", 8, 0, torch.device("cpu"))
+    result = ctt.compare(case, str(tmp_path), str(tmp_path / "artifacts"))
+    truth, tools = result["ground_truth"], result["tools"]
+    assert "error" not in truth, truth.get("traceback")
+    assert truth["params_bytes"] == sum(p.nbytes for p in ctt.fresh(case).model.parameters())
+    # exp_avg and exp_avg_sq per param, plus a scalar step each
+    assert 2 * truth["params_bytes"] < truth["optimizer_state_bytes"] < 2 * truth["params_bytes"] + 1024
+    for tool in ("torch_profiler", "mem_tracker"):
+        assert "error" not in tools[tool], tools[tool].get("traceback")
+        assert tools[tool]["peak_bytes"] > truth["params_bytes"] + truth["optimizer_state_bytes"]
+        assert ctt.mapped(tool, tools[tool]["breakdown"])["params"] == truth["params_bytes"]
+    for tool in ("mutwo_train_step", "mutwo_compile"):  # a failure is recorded, not raised
+        assert "error" in tools[tool] or tools[tool]["peak_bytes"] > 0
+    assert {c["status"] for c in result["goals"]} <= {"PASS", "FAIL", "SKIP"}
+    saved = json.loads((tmp_path / "compare_torch_tools_mlp.json").read_text())
+    assert saved["summary"] == result["summary"] and len(saved["table"]) == 5
+    table = ctt.format_table(result["table"])
+    assert all(tool in table for tool in ctt.TOOLS)
+
+
+def test_goal_checks_and_mapping():
+    ctt = load_script()
+    truth = {"peak_bytes": 1000, "params_bytes": 100, "params_alloc_bytes": 512, "grads_bytes": 100,
+             "grads_alloc_bytes": 512, "optimizer_state_bytes": 200, "optimizer_state_alloc_bytes": 1024,
+             "kernel_time_ms": 10.0, "step_ms": 11.0}
+    mutwo = {"time_s": 5.0, "peak_bytes": 1005, "measured_peak_bytes": 1000, "node_time_sum_ms": 10.4,
+             "breakdown": {"PARAM": 512, "GRAD": 60, "OPT_STATE": 200, "ACT": 96, "INPUT": 7, "OTHER": 130},
+             "max_over_iteration": {"GRAD": 100}}
+    result = {"model": "resnet152", "batch": 64, "device": "cuda:0", "device_name": "test",
+              "ground_truth": truth,
+              "tools": {"mutwo_train_step": mutwo, "mutwo_compile": {"error": "RuntimeError: not there"},
+                        "torch_profiler": {"time_s": 6.0, "peak_bytes": 990, "breakdown": {"ACTIVATION": 90}},
+                        "mem_tracker": {"time_s": 1.0, "peak_bytes": 1000, "breakdown": {"Activation": 100}}}}
+    status = {c["goal"]: c["status"] for c in ctt.goal_checks(result)}
+    assert status == {
+        "mutwo_train_step: peak within 1%": "PASS", "mutwo_train_step: PARAM exact": "PASS",
+        "mutwo_train_step: OPT_STATE exact": "PASS", "mutwo_train_step: GRAD exact": "PASS",
+        "mutwo_train_step: ACT within 5% of MemTracker": "PASS",
+        "mutwo_train_step: time to report <= 20 s": "PASS", "mutwo_train_step: time <= torch.profiler's": "PASS",
+        "mutwo_train_step: node times within 5% of kernel time": "PASS", "mutwo_compile: report": "FAIL"}
+    assert ctt.mapped("mutwo_train_step", mutwo["breakdown"]) == {
+        "params": 512, "grads": 60, "optimizer state": 200, "activations": 96, "other": 137}
+    result["tools"]["mutwo_train_step"]["breakdown"]["ACT"] = 90
+    result["ground_truth"]["kernel_time_ms"] = None
+    status = {c["goal"]: c["status"] for c in ctt.goal_checks(result)}
+    assert status["mutwo_train_step: ACT within 5% of MemTracker"] == "FAIL"
+    assert status["mutwo_train_step: node times within 5% of kernel time"] == "SKIP"
