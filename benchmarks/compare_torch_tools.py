@@ -23,10 +23,11 @@ PASS/FAIL/SKIP lines and a summary line, and writes
 later failure or timeout keeps the earlier results). A failing tool (missing
 feature, OOM, ...) is recorded as {"error": ...} and the others still run.
 
-On the H200 (one device call per model):
+On the H200 (one device call per model; through the device tool, write under
+$OUT so the JSON comes back, then copy it to benchmarks/results/):
 
-    python benchmarks/compare_torch_tools.py --models resnet152:64
-    python benchmarks/compare_torch_tools.py --models bert:16        # seq 512
+    python benchmarks/compare_torch_tools.py --models resnet152:64 --out $OUT
+    python benchmarks/compare_torch_tools.py --models bert:16 --out $OUT   # seq 512
 
 On a CPU, for development (no allocator peak there: the ground-truth peak is
 an estimate from the live tensors before the step plus the profiler's CPU
