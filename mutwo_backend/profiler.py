@@ -36,7 +36,7 @@ class GraphProfiler:
             raise MutwoError(f"unknown swap mode {swap!r}: choose one of {', '.join(SWAP_MODES)}")
         self.gm, self.analysis, self.device, self.swap = gm, analysis, device, swap
         self.timer = timer or default_timer(device)
-        self.swap_model = swap_model(device)
+        swap_model(device)  # calibrate copies before the first profiled iteration (cached)
         swap_out_after, swap_in_before = {}, {}
         for node, info in analysis.activations.items():
             swap_out_after.setdefault(analysis.nodes[info.last_fw_rank].name, []).append(node.name)
@@ -61,49 +61,55 @@ class GraphProfiler:
         print(format_statistics([n.name for n in self.interpreter.nodes], self.aggregate_stats()))
 
     def report(self, meta: dict) -> Report:
-        stats = self.aggregate_stats()
-        analysis, memory = self.analysis, self.analysis.memory
-        activations = activation_metrics(analysis, stats.run_time_ms, self.swap_model,
-                                         stats.swap_out_measured_ms if self.swap == "measure" else None,
-                                         stats.swap_in_measured_ms if self.swap == "measure" else None)
-        measured = stats.peak_bytes is not None
-        nodes = []
-        for rank, node in enumerate(analysis.nodes):
-            nodes.append({
-                "name": node.name, "rank": rank, "op": node.op, "target": _target_name(node),
-                "region": analysis.regions[node].value, "kind": analysis.kinds[node].value,
-                "run_time_ms": float(stats.run_time_ms[rank]),
-                "run_time_min_ms": float(stats.run_time_min_ms[rank]),
-                "run_time_max_ms": float(stats.run_time_max_ms[rank]),
-                "peak_bytes": int(stats.peak_bytes[rank] if measured else memory.peak_during_bytes[rank]),
-                "active_bytes": int(stats.allocated_after_bytes[rank] if measured else memory.live_bytes[rank]),
-                "output_bytes": int(stats.output_bytes[rank] if measured else analysis.output_bytes[node]),
-                "simulated_live_bytes": int(memory.live_bytes[rank]),
-            })
-        meta = {
-            **meta, "device": str(self.device), "device_name": _device_name(self.device),
-            "torch_version": torch.__version__, "timer": self.timer, "warmup": meta.get("warmup"),
-            "iters": stats.iterations, "iteration_time_ms": stats.iteration_ms,
-            "instrumented_wall_ms": stats.wall_ms, "swap": self.swap,
-            "swap_model": self.swap_model.to_dict(),
-        }
-        notes = list(meta.get("notes", []))
-        if self.swap_model.estimated:
-            notes.append("swap times are estimated (no GPU): a default model of "
-                         f"{self.swap_model.device_to_host.bytes_per_ms / 1e6:.0f} GB/s each way")
-        meta["notes"] = notes
-        return Report({
-            "schema": SCHEMA, "meta": meta, "nodes": nodes,
-            "activations": [a.to_dict() for a in activations],
-            "memory": {
-                "peak_bytes": int(memory.peak_bytes), "peak_rank": int(memory.peak_rank),
-                "breakdown_at_peak": {k.value: int(v) for k, v in memory.breakdown_at_peak.items()},
-                "timeline": {kind.value: [int(b) for b in memory.timeline_of(kind)] for kind in memory.kinds},
-                "measured_peak_bytes": int(stats.peak_bytes.max()) if measured else None,
-                "measured_allocated_after_bytes": ([int(b) for b in stats.allocated_after_bytes]
-                                                   if measured else None),
-            },
+        return build_report(self.analysis, self.aggregate_stats(), device=self.device,
+                            timer=self.timer, swap=self.swap, meta=meta)
+
+
+def build_report(analysis: GraphAnalysis, stats: NodeStatistics, *, device: torch.device,
+                 timer: str, swap: str, meta: dict) -> Report:
+    """The report of one graph from its analysis and the statistics of its
+    measured iterations (indexed by the analysis' ranks)."""
+    memory, model = analysis.memory, swap_model(device)
+    measured_swaps = swap == "measure"
+    activations = activation_metrics(analysis, stats.run_time_ms, model,
+                                     stats.swap_out_measured_ms if measured_swaps else None,
+                                     stats.swap_in_measured_ms if measured_swaps else None)
+    measured = stats.peak_bytes is not None
+    nodes = []
+    for rank, node in enumerate(analysis.nodes):
+        nodes.append({
+            "name": node.name, "rank": rank, "op": node.op, "target": _target_name(node),
+            "region": analysis.regions[node].value, "kind": analysis.kinds[node].value,
+            "run_time_ms": float(stats.run_time_ms[rank]),
+            "run_time_min_ms": float(stats.run_time_min_ms[rank]),
+            "run_time_max_ms": float(stats.run_time_max_ms[rank]),
+            "peak_bytes": int(stats.peak_bytes[rank] if measured else memory.peak_during_bytes[rank]),
+            "active_bytes": int(stats.allocated_after_bytes[rank] if measured else memory.live_bytes[rank]),
+            "output_bytes": int(stats.output_bytes[rank] if measured else analysis.output_bytes[node]),
+            "simulated_live_bytes": int(memory.live_bytes[rank]),
         })
+    notes = list(meta.get("notes", []))
+    if model.estimated:
+        notes.append("swap times are estimated (no GPU): a default model of "
+                     f"{model.device_to_host.bytes_per_ms / 1e6:.0f} GB/s each way")
+    meta = {
+        **meta, "device": str(device), "device_name": _device_name(device),
+        "torch_version": torch.__version__, "timer": timer, "iters": stats.iterations,
+        "iteration_time_ms": stats.iteration_ms, "instrumented_wall_ms": stats.wall_ms,
+        "swap": swap, "swap_model": model.to_dict(), "notes": notes,
+    }
+    return Report({
+        "schema": SCHEMA, "meta": meta, "nodes": nodes,
+        "activations": [a.to_dict() for a in activations],
+        "memory": {
+            "peak_bytes": int(memory.peak_bytes), "peak_rank": int(memory.peak_rank),
+            "breakdown_at_peak": {k.value: int(v) for k, v in memory.breakdown_at_peak.items()},
+            "timeline": {kind.value: [int(b) for b in memory.timeline_of(kind)] for kind in memory.kinds},
+            "measured_peak_bytes": int(stats.peak_bytes.max()) if measured else None,
+            "measured_allocated_after_bytes": ([int(b) for b in stats.allocated_after_bytes]
+                                               if measured else None),
+        },
+    })
 
 
 def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, iters: int = 3,

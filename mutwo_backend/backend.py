@@ -1,0 +1,343 @@
+"""The torch.compile backend "mutwo_profile".
+
+Dynamo hands each captured graph to ``mutwo_profile``; AOTAutograd traces
+the joint forward+backward graph, which ``passes.run_pipeline`` analyses
+(parameters and buffers known from dynamo's inputs), then partitions it with
+its default partitioner. The forward and backward graphs run through the
+profiling interpreter for ``warmup + iters`` training iterations; their nodes
+keep the joint graph's names, so their times map onto the joint analysis and
+liveness, inactive times and swap points span both. Afterwards the graphs
+run uninstrumented (``after="run"``) or keep being profiled (``"keep"``).
+
+A compiled model's report is reachable through ``get_report(compiled_model)``:
+sessions are looked up weakly by the model's parameters, so nothing outlives
+the model.
+"""
+
+import copy
+import logging
+from collections import deque
+from dataclasses import dataclass, fields
+
+import numpy as np
+import torch
+from torch import fx
+from torch._dynamo.backends.common import aot_autograd
+from torch._functorch.partitioners import default_partition
+from torch.utils.weak import WeakIdKeyDictionary
+
+from passes import GraphHints, NodeType, run_pipeline
+
+from .errors import MutwoError
+from .interpreter import IterationRecord, ProfilingInterpreter
+from .profiler import SWAP_MODES, build_report
+from .report import SCHEMA, Report
+from .statistics import Statistics
+from .swap import swap_model
+from .timers import TIMERS, default_timer
+
+log = logging.getLogger("mutwo")
+AFTER_MODES = ("run", "keep")
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Options of ``torch.compile(model, backend="mutwo_profile", options={...})``."""
+
+    warmup: int = 1
+    iters: int = 3
+    timer: str | None = None
+    swap: str = "model"
+    report_dir: str | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    after: str = "run"
+
+    @classmethod
+    def parse(cls, options: dict | None) -> "BackendOptions":
+        options = dict(options or {})
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise MutwoError(f"unknown mutwo_profile option(s) {', '.join(map(repr, unknown))}: "
+                             f"valid options are {', '.join(valid)}")
+        parsed = cls(**options)
+        if parsed.iters < 1 or parsed.warmup < 0:
+            raise MutwoError(f"need iters >= 1 and warmup >= 0, got iters={parsed.iters}, "
+                             f"warmup={parsed.warmup}")
+        for name, value, allowed in (("after", parsed.after, AFTER_MODES), ("swap", parsed.swap, SWAP_MODES),
+                                     ("timer", parsed.timer, (None, *TIMERS))):
+            if value not in allowed:
+                raise MutwoError(f"option {name}={value!r} is not one of "
+                                 f"{', '.join(repr(a) for a in allowed if a is not None)}")
+        return parsed
+
+
+# The backend registry's only state: a compiled model's session, weakly keyed
+# by the parameters dynamo passes in, so it dies with the model.
+_SESSIONS = WeakIdKeyDictionary()
+
+
+def mutwo_profile(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
+    """Backend entry point (registered as "mutwo_profile")."""
+    opts = BackendOptions.parse(options)
+    session = _session_for(example_inputs, options, opts)
+    graph = DynamoGraph(session, len(session.graphs), example_inputs)
+    session.graphs.append(graph)
+    return aot_autograd(fw_compiler=graph.compile_forward, bw_compiler=graph.compile_backward,
+                        inference_compiler=graph.compile_inference, partition_fn=graph.partition,
+                        keep_inference_input_mutations=True)(gm, example_inputs)
+
+
+def get_report(compiled_model) -> Report | None:
+    """The Report of the last completed measurement of a model compiled with
+    backend="mutwo_profile", or None before one completes."""
+    module = getattr(compiled_model, "_orig_mod", compiled_model)
+    sessions = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor in _SESSIONS:
+            sessions[id(_SESSIONS[tensor])] = _SESSIONS[tensor]
+    graphs = [g for session in sessions.values() for g in session.graphs]
+    if not sessions or not any(g.report for g in graphs):
+        return None
+    return _combine_graphs(graphs, next(iter(sessions.values())).options)
+
+
+def _session_for(example_inputs, options: dict | None, parsed: BackendOptions) -> "ProfileSession":
+    """The session of the compiled model these inputs belong to: found through
+    a parameter it already saw, or through the options object of the same
+    torch.compile call (a graph after a graph break has other parameters)."""
+    keys = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
+    session = next((_SESSIONS[k] for k in keys if k in _SESSIONS), None)
+    if session is None and options is not None:
+        session = next((s for s in _SESSIONS.values() if s.options_source is options), None)
+    if session is None:
+        session = ProfileSession(parsed, options)
+    session.options = parsed
+    for key in keys:
+        _SESSIONS[key] = session
+    return session
+
+
+class ProfileSession:
+    """All dynamo graphs of one compiled model, and its latest report."""
+
+    def __init__(self, options: BackendOptions, options_source: dict | None):
+        self.options = options
+        self.options_source = options_source  # the dict given to torch.compile
+        self.graphs: list[DynamoGraph] = []
+
+    def graph_measured(self) -> None:
+        """Called when a graph completes a measurement: save the report."""
+        if self.options.report_dir:
+            path = _combine_graphs(self.graphs, self.options).save(self.options.report_dir)
+            log.info("mutwo report saved to %s", path)
+
+
+class DynamoGraph:
+    """One dynamo graph: its joint analysis and its profiled fw/bw graphs."""
+
+    _first_runs = 0
+
+    def __init__(self, session: ProfileSession, index: int, example_inputs):
+        self.session, self.index = session, index
+        self.options = session.options
+        self.device = _device_of(example_inputs)
+        self.timer = self.options.timer or default_timer(self.device)
+        self.inputs = list(example_inputs)
+        self.param_ids = frozenset(id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter))
+        self.analysis = None
+        self.report = None
+        self.first_run = None
+        self.iterations = 0
+        self.stats = Statistics()
+        # forward records waiting for their backward; bounded in case forwards
+        # run without backward
+        self.pending_forward: deque[IterationRecord] = deque(maxlen=8)
+        self.instrumenting = True
+
+    # --- AOTAutograd hooks ---------------------------------------------------
+
+    def partition(self, joint: fx.GraphModule, joint_inputs, *, num_fwd_outputs, **kwargs):
+        static = kwargs.get("static_lifetime_input_indices") or []
+        self.analysis = run_pipeline(joint, self._hints(joint, num_fwd_outputs, static),
+                                     allocator_rounding=self.device.type == "cuda")
+        forward, backward = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
+        self.rank_by_name = {n.name: self.analysis.rank[n] for n in self.analysis.nodes}
+        return forward, backward
+
+    def compile_forward(self, gm: fx.GraphModule, example_inputs):
+        return self._runner(gm, forward=True)
+
+    def compile_backward(self, gm: fx.GraphModule, example_inputs):
+        return self._runner(gm, forward=False)
+
+    def compile_inference(self, gm: fx.GraphModule, example_inputs):
+        """No backward: nothing to profile; run the graph as it is."""
+        return _boxed(gm)
+
+    # --- running ------------------------------------------------------------
+
+    def _hints(self, joint: fx.GraphModule, num_fwd_outputs: int, static_indices) -> GraphHints:
+        """Parameters are dynamo inputs of type Parameter; buffers are the other
+        inputs AOTAutograd marks static (their lifetime is the model's)."""
+        primals = [n for n in joint.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
+        params, buffers, frozen = set(), set(), set()
+        for index, (node, value) in enumerate(zip(primals, self.inputs)):
+            if isinstance(value, torch.nn.Parameter):
+                params.add(node.name)
+                if not value.requires_grad:
+                    frozen.add(node.name)
+            elif index in static_indices:
+                buffers.add(node.name)
+        return GraphHints(params=frozenset(params), buffers=frozenset(buffers),
+                          frozen_params=frozenset(frozen), num_fwd_outputs=num_fwd_outputs)
+
+    def _runner(self, gm: fx.GraphModule, forward: bool):
+        names = {n.name for n in gm.graph.nodes}
+        swap_out, swap_in = {}, {}
+        for node, info in self.analysis.activations.items():
+            last_fw, first_bw = self.analysis.nodes[info.last_fw_rank].name, self.analysis.nodes[info.first_bw_rank].name
+            if forward and last_fw in names and node.name in names:
+                swap_out.setdefault(last_fw, []).append(node.name)
+            if not forward and first_bw in names and node.name in names:
+                swap_in.setdefault(first_bw, []).append(node.name)
+        interpreter = ProfilingInterpreter(gm, self.device, self.timer, swap_out, swap_in,
+                                           measure_swaps=self.options.swap == "measure")
+        # joint rank of each interpreted node that computes something
+        ranks = np.array([self.rank_by_name.get(n.name, -1) if n.op not in ("placeholder", "output") else -1
+                          for n in interpreter.nodes])
+        fast = _boxed(gm)
+
+        def run(args):
+            if not self.instrumenting:
+                return fast(args)
+            out, record = interpreter.run_iteration(args, boxed=True)
+            self._recorded(record, ranks, forward)
+            return out
+
+        run._boxed_call = True
+        return run
+
+    def _recorded(self, record: IterationRecord, ranks: np.ndarray, forward: bool) -> None:
+        if forward:
+            if self.first_run is None:
+                DynamoGraph._first_runs += 1
+                self.first_run = DynamoGraph._first_runs
+            self.pending_forward.append((record, ranks))
+            return
+        forward_record, forward_ranks = self.pending_forward.popleft()
+        self.stats.add(_joint_record(len(self.analysis.nodes), [(forward_record, forward_ranks), (record, ranks)]))
+        self.iterations += 1
+        opts = self.options
+        if self.iterations == opts.warmup:
+            self.stats.reset()
+        if self.iterations >= opts.warmup + opts.iters and len(self.stats.records) >= opts.iters:
+            self.stats.records = self.stats.records[-opts.iters:]
+            self.report = build_report(self.analysis, self.stats.aggregate(), device=self.device,
+                                       timer=self.timer, swap=opts.swap,
+                                       meta={"capture": "compile", "graph_index": self.index,
+                                             "warmup": opts.warmup})
+            self.session.graph_measured()
+            if opts.after == "run":
+                self.instrumenting = False
+                self.stats.reset()
+                self.pending_forward.clear()
+
+
+def _joint_record(count: int, parts) -> IterationRecord:
+    """Place the per-node records of the forward and backward graphs at their
+    joint ranks; nodes of neither (placeholders) take 0 ms, and the allocator
+    readings of the previous executed node."""
+    run_time = np.zeros(count)
+    memory = None
+    if parts[0][0].peak_bytes is not None:
+        memory = np.full((4, count), -1, dtype=np.int64)
+    for record, ranks in parts:
+        mask = ranks >= 0
+        run_time[ranks[mask]] += record.run_time_ms[mask]
+        if memory is not None:
+            for row, values in enumerate((record.allocated_before_bytes, record.allocated_after_bytes,
+                                          record.peak_bytes, record.output_bytes)):
+                memory[row, ranks[mask]] = values[mask]
+    joint = IterationRecord(run_time, sum(r.wall_ms for r, _ in parts),
+                            swap_out_measured_ms={k: v for r, _ in parts for k, v in r.swap_out_measured_ms.items()},
+                            swap_in_measured_ms={k: v for r, _ in parts for k, v in r.swap_in_measured_ms.items()})
+    if memory is not None:
+        for row in range(3):
+            memory[row] = _forward_fill(memory[row])
+        memory[3] = np.maximum(memory[3], 0)
+        (joint.allocated_before_bytes, joint.allocated_after_bytes,
+         joint.peak_bytes, joint.output_bytes) = memory
+    return joint
+
+
+def _forward_fill(values: np.ndarray) -> np.ndarray:
+    known = np.where(values >= 0, np.arange(len(values)), 0)
+    np.maximum.accumulate(known, out=known)
+    filled = values[known]
+    return np.where(filled >= 0, filled, 0)
+
+
+def _combine_graphs(graphs: list["DynamoGraph"], options: BackendOptions) -> Report:
+    """One report for all measured graphs of a compiled model, in the order
+    they first ran."""
+    latest = {}  # a recompilation (new shapes) replaces the graph of the same parameters
+    for graph in graphs:
+        if graph.report is not None:
+            latest[graph.param_ids or id(graph)] = graph
+    measured = sorted(latest.values(), key=lambda g: g.first_run)
+    graphs = [g.report.to_dict() for g in measured]
+    main = max(graphs, key=lambda g: g["memory"]["peak_bytes"])
+    notes = list(main["meta"].get("notes", []))
+    if len(graphs) > 1:
+        notes.append(f"the model had {len(graphs) - 1} graph break(s): {len(graphs)} graphs, shown in "
+                     "execution order under 'graphs'; top-level memory is the graph with the highest peak")
+    opt_state_bytes = _optimizer_state_bytes(options.optimizer)
+    memory = copy.deepcopy(main["memory"])
+    if opt_state_bytes is None:
+        notes.append("optimizer state was not seen: the optimizer runs outside the compiled graph; "
+                      "pass options={'optimizer': opt} to count its state as OPT_STATE")
+    else:
+        kind = NodeType.OPT_STATE.value
+        memory["peak_bytes"] += opt_state_bytes
+        memory["breakdown_at_peak"][kind] = memory["breakdown_at_peak"].get(kind, 0) + opt_state_bytes
+        length = len(next(iter(memory["timeline"].values()), []))
+        memory["timeline"][kind] = [b + opt_state_bytes for b in memory["timeline"].get(kind, [0] * length)]
+    meta = {**main["meta"], "graphs": len(graphs), "graph_breaks": len(graphs) - 1, "notes": notes}
+    data = {"schema": SCHEMA, "meta": meta,
+            "nodes": [dict(n, graph=i) for i, g in enumerate(graphs) for n in g["nodes"]],
+            "activations": [dict(a, graph=i) for i, g in enumerate(graphs) for a in g["activations"]],
+            "memory": memory, "graphs": graphs}
+    meta["iteration_time_ms"] = sum(g["meta"]["iteration_time_ms"] for g in graphs)
+    return Report(data)
+
+
+def _optimizer_state_bytes(optimizer) -> int | None:
+    if optimizer is None:
+        return None
+    return sum(v.untyped_storage().nbytes() for state in optimizer.state.values()
+               for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def _boxed(gm: fx.GraphModule):
+    """The graph's own generated code, taking one list that it empties, so
+    inputs are freed at their last use as AOTAutograd expects."""
+    boxed = fx.GraphModule(gm, copy.deepcopy(gm.graph))
+    boxed.graph.set_codegen(fx.graph._BoxedCodeGen())
+    boxed.recompile()
+    return boxed
+
+
+def _device_of(example_inputs) -> torch.device:
+    devices = {t.device for t in example_inputs if isinstance(t, torch.Tensor)}
+    return next((d for d in devices if d.type == "cuda"), torch.device("cpu"))
+
+
+BACKEND_NAME = "mutwo_profile"
+
+
+def register() -> None:
+    """Register the backend with dynamo unless the package's entry point (or
+    an earlier import) already did."""
+    if BACKEND_NAME not in torch._dynamo.list_backends(exclude_tags=()):
+        torch._dynamo.register_backend(mutwo_profile, name=BACKEND_NAME)

@@ -1,0 +1,107 @@
+"""Boundary pass: where forward ends and backward starts, and the region of
+every node (FORWARD, LOSS, BACKWARD, OPTIMIZER).
+
+Train-step graphs carry separator ops (``separator.sep`` after the model
+output, ``separator.sep_backward`` where its gradient arrives) and the
+optimizer's ``record_function`` markers. AOTAutograd joint graphs carry
+partitioner tags (``is_forward`` / ``is_backward``) instead."""
+
+import enum
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Mapping
+
+from torch import fx
+
+from .errors import AnalysisError
+
+SEP_TARGETS = ("separator.sep.default",)
+SEP_BACKWARD_TARGETS = ("separator.sep_backward.default",)
+RECORD_FUNCTION_ENTER = "profiler._record_function_enter_new.default"
+
+
+class Region(enum.Enum):
+    FORWARD = "forward"
+    LOSS = "loss"
+    BACKWARD = "backward"
+    OPTIMIZER = "optimizer"
+
+
+@dataclass(frozen=True)
+class Boundary:
+    """``sep_rank`` / ``sep_backward_rank``: the separator nodes (for joint
+    graphs, the first node after the last forward node and the first backward
+    node). ``optimizer_rank``: first node of the optimizer, or None."""
+
+    sep_rank: int
+    sep_backward_rank: int
+    optimizer_rank: int | None
+    regions: Mapping[fx.Node, Region]
+    joint: bool  # True for an AOTAutograd joint graph
+
+
+def target_name(node: fx.Node) -> str:
+    return str(node.target)
+
+
+def find_boundary(nodes: tuple[fx.Node, ...]) -> Boundary:
+    targets = [target_name(n) if n.op == "call_function" else "" for n in nodes]
+    seps = [i for i, t in enumerate(targets) if t in SEP_TARGETS]
+    if seps:
+        return _train_step_boundary(nodes, targets, seps)
+    if any(n.meta.get("partitioner_tag") == "is_backward" for n in nodes):
+        return _joint_boundary(nodes)
+    raise AnalysisError(
+        "the graph has no torch.ops.separator.sep node and no AOTAutograd partitioner tags, so "
+        "forward and backward cannot be told apart: capture it with "
+        "mutwo_backend.capture_train_step (whose train_step calls mutwo_backend.sep on the model "
+        "output) or profile through torch.compile(model, backend='mutwo_profile').")
+
+
+def _train_step_boundary(nodes, targets, seps) -> Boundary:
+    if len(seps) > 1:
+        raise AnalysisError(f"the graph holds {len(seps)} separator.sep nodes: call "
+                            "mutwo_backend.sep exactly once, on the model output.")
+    sep_rank = seps[0]
+    backwards = [i for i, t in enumerate(targets) if t in SEP_BACKWARD_TARGETS]
+    if not backwards:
+        raise AnalysisError("the graph has separator.sep but no separator.sep_backward: the loss "
+                            "must be computed from the tensor sep returns, and backward() called.")
+    sep_backward_rank = backwards[0]
+    optimizer_rank = _optimizer_start(nodes, targets, sep_backward_rank)
+    regions = {}
+    for rank, node in enumerate(nodes):
+        if rank < sep_rank:
+            regions[node] = Region.FORWARD
+        elif rank < sep_backward_rank:
+            regions[node] = Region.LOSS
+        elif optimizer_rank is None or rank < optimizer_rank:
+            regions[node] = Region.BACKWARD
+        else:
+            regions[node] = Region.OPTIMIZER
+    return Boundary(sep_rank, sep_backward_rank, optimizer_rank, MappingProxyType(regions), joint=False)
+
+
+def _optimizer_start(nodes, targets, after: int) -> int | None:
+    """The optimizer begins at its first record_function marker
+    ('Optimizer.step#...' or 'Optimizer.zero_grad#...') after backward starts."""
+    for rank in range(after, len(nodes)):
+        if targets[rank] == RECORD_FUNCTION_ENTER and str(nodes[rank].args[0]).startswith("Optimizer."):
+            return rank
+    return None
+
+
+def _joint_boundary(nodes) -> Boundary:
+    regions = {}
+    for node in nodes:
+        backward = node.meta.get("partitioner_tag") == "is_backward" or node.op == "output"
+        regions[node] = Region.BACKWARD if backward else Region.FORWARD
+    computed = [i for i, n in enumerate(nodes) if n.op == "call_function"]
+    forward_ranks = [i for i in computed if regions[nodes[i]] is Region.FORWARD]
+    backward_ranks = [i for i in computed if regions[nodes[i]] is Region.BACKWARD]
+    sep_rank = forward_ranks[-1] + 1 if forward_ranks else 0
+    sep_backward_rank = backward_ranks[0] if backward_ranks else len(nodes) - 1
+    return Boundary(sep_rank, sep_backward_rank, None, MappingProxyType(regions), joint=True)
+
+
+

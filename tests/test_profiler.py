@@ -1,0 +1,185 @@
+"""The profiling interpreter on the CPU: records for every node, warm-up
+excluded from medians, derived metrics equal to hand computation from the
+recorded numbers, training unchanged, failures named."""
+
+import copy
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import mutwo_backend
+from mutwo_backend import interpreter as interpreter_module
+from mutwo_backend.errors import MutwoError
+from mutwo_backend.interpreter import NodeExecutionError
+from mutwo_backend.models import get_model, zoo_train_step
+from mutwo_backend.profiler import GraphProfiler, profile_train_step
+from passes import Region, run_pipeline
+from mutwo_backend.swap import DEFAULT_CPU_MODEL, CopyCost, _fit
+
+
+class ThreeLayerMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+def mlp_step(model, optimizer, x, y):
+    loss = nn.functional.cross_entropy(mutwo_backend.sep(model(x)), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss
+
+
+def mlp_case(seed=0):
+    torch.manual_seed(seed)
+    model = ThreeLayerMLP()
+    return model, torch.optim.Adam(model.parameters(), fused=True), torch.randn(8, 16), torch.randint(0, 4, (8,))
+
+
+@pytest.fixture(scope="module")
+def mlp_report():
+    model, optimizer, x, y = mlp_case()
+    return profile_train_step(mlp_step, model, optimizer, x, y, warmup=1, iters=3).to_dict()
+
+
+def test_every_node_has_a_time_and_memory_record(mlp_report):
+    nodes = mlp_report["nodes"]
+    assert [n["rank"] for n in nodes] == list(range(len(nodes)))
+    for n in nodes:
+        assert n["run_time_ms"] >= 0 and n["run_time_min_ms"] <= n["run_time_ms"] <= n["run_time_max_ms"]
+        assert n["peak_bytes"] >= n["active_bytes"] >= 0 and n["output_bytes"] >= 0
+    assert mlp_report["meta"]["timer"] == "cpu" and mlp_report["meta"]["iters"] == 3
+    assert mlp_report["memory"]["measured_peak_bytes"] is None  # no allocator on the CPU
+    assert mlp_report["meta"]["swap_model"]["estimated"] is True
+
+
+def test_derived_metrics_equal_hand_computation(mlp_report):
+    times = [n["run_time_ms"] for n in mlp_report["nodes"]]
+    rank_of = {n["name"]: n["rank"] for n in mlp_report["nodes"]}
+    out_bytes = {n["name"]: n["output_bytes"] for n in mlp_report["nodes"]}
+    # The ReLU outputs of fc1 and fc2 are read by their backward: activations.
+    # Recomputing relu means t(weight), addmm, relu from fc1's weight, bias and x.
+    acts = {a["name"]: a for a in mlp_report["activations"]}
+    relu = acts["relu"]
+    assert relu["memory_bytes"] == 8 * 32 * 4
+    assert relu["recompute_nodes"] == ["t", "addmm", "relu"] and relu["recomputable"]
+    assert relu["recompute_srcs"] == ["p_in_1", "p_in_2", "args_1"]
+    assert acts["relu_1"]["recompute_nodes"] == ["addmm_1", "relu_1"]
+    for a in acts.values():
+        inactive = sum(times[a["last_fw_rank"] + 1:a["first_bw_rank"]])
+        assert a["inactive_time_ms"] == pytest.approx(inactive, rel=1e-9, abs=1e-12)
+        assert a["swap_out_ms"] == pytest.approx(DEFAULT_CPU_MODEL.swap_out_ms(a["memory_bytes"]))
+        assert a["swap_in_ms"] == pytest.approx(DEFAULT_CPU_MODEL.swap_in_ms(a["memory_bytes"]))
+        assert a["swap_hidden"] == (a["swap_out_ms"] + a["swap_in_ms"] <= a["inactive_time_ms"])
+        recompute = sum(times[rank_of[n]] for n in a["recompute_nodes"])
+        assert a["recompute_time_ms"] == pytest.approx(recompute, rel=1e-9, abs=1e-12)
+        if recompute > 0:
+            assert a["recompute_ratio"] == pytest.approx(a["memory_bytes"] / recompute)
+        # A chain recomputed in order holds at most its own outputs at once.
+        assert 0 <= a["recompute_peak_bytes"] <= sum(out_bytes[n] for n in a["recompute_nodes"])
+    # addmm's output (1 KiB) is alive while relu writes its own (1 KiB); t is a view.
+    assert relu["recompute_peak_bytes"] == acts["relu_1"]["recompute_peak_bytes"] == 2 * 8 * 32 * 4
+    assert acts["t_1"]["recompute_peak_bytes"] == 0
+
+
+def test_warmup_iterations_are_excluded_from_medians(monkeypatch):
+    """The first iteration sleeps 50 ms in one node: with one warm-up iteration
+    the median does not see it; with none the max does."""
+    slept = []
+    call_function = interpreter_module.ProfilingInterpreter.call_function
+
+    def slow_first_iteration(self, target, args, kwargs):
+        if target is torch.ops.aten.relu.default and not slept:
+            slept.append(target)
+            time.sleep(0.05)
+        return call_function(self, target, args, kwargs)
+
+    monkeypatch.setattr(interpreter_module.ProfilingInterpreter, "call_function", slow_first_iteration)
+    for warmup in (1, 0):
+        slept.clear()
+        model, optimizer, x, y = mlp_case()
+        report = profile_train_step(mlp_step, model, optimizer, x, y, warmup=warmup, iters=3).to_dict()
+        relu = next(n for n in report["nodes"] if n["name"] == "relu")
+        assert slept
+        if warmup:
+            assert relu["run_time_max_ms"] < 40
+        else:
+            assert relu["run_time_max_ms"] >= 50 and relu["run_time_ms"] < 40
+
+
+@pytest.mark.parametrize("name, batch", [("mlp", 8), ("resnet18", 2)])
+def test_profiled_iterations_train_exactly_as_eager(name, batch):
+    spec = get_model(name)
+    torch.manual_seed(0)
+    model = spec.build()
+    eager_model = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    eager_optimizer = torch.optim.Adam(eager_model.parameters(), fused=True)
+    inputs, targets = spec.make_batch(batch, spec.default_seq_len, torch.device("cpu"))
+    torch.manual_seed(1)
+    profile_train_step(zoo_train_step(spec), model, optimizer, inputs, targets, warmup=1, iters=2)
+    torch.manual_seed(1)
+    for _ in range(3):
+        zoo_train_step(spec)(eager_model, eager_optimizer, inputs, targets)
+    for a, b in [*zip(model.parameters(), eager_model.parameters()),
+                 *zip(model.buffers(), eager_model.buffers())]:
+        assert (a.double() - b.double()).abs().max().item() <= 1e-6
+    for p, q in zip(model.parameters(), eager_model.parameters()):
+        for key, value in optimizer.state[p].items():
+            assert (value.double() - eager_optimizer.state[q][key].double()).abs().max().item() <= 1e-6
+
+
+def test_failing_node_is_named_and_model_stays_usable():
+    """A node of the backward pass raises: the error names it, the iteration
+    stops before the optimizer, and the model trains on eagerly afterwards."""
+    model, optimizer, x, y = mlp_case()
+    step = mutwo_backend.capture_train_step(mlp_step, model, optimizer, x, y)
+    analysis = run_pipeline(step.gm, step.hints)
+    failing = next(n for n in analysis.nodes if analysis.regions[n] is Region.BACKWARD
+                   and n.target is torch.ops.aten.mm.default)
+
+    def injected_failure(*args, **kwargs):
+        raise RuntimeError("injected failure")
+
+    failing.target = injected_failure
+    step.gm.recompile()
+    profiler = GraphProfiler(step.gm, analysis, torch.device("cpu"))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(NodeExecutionError, match=f"node {failing.name} .*injected failure"):
+        step.run(x, y, executor=profiler.run)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert mlp_step(model, optimizer, x, y).isfinite()
+
+
+def test_node_execution_error_names_the_node():
+    model, optimizer, x, y = mlp_case()
+    step = mutwo_backend.capture_train_step(mlp_step, model, optimizer, x, y)
+    interp = interpreter_module.ProfilingInterpreter(step.gm, torch.device("cpu"), "cpu")
+    inputs = step.graph_inputs(x[:, :3], y)  # wrong width: the first matmul fails
+    with pytest.raises(NodeExecutionError, match=r"node (addmm|mm|t)\w* \(rank \d+"):
+        interp.run_iteration(*inputs)
+
+
+def test_swap_model_grows_with_size_and_fit_recovers_known_costs():
+    sizes = [64 * 1024 * 4 ** k for k in range(8)]
+    truth = CopyCost(latency_ms=0.012, bytes_per_ms=50e6)
+    fitted = _fit(sizes, [truth.time_ms(s) for s in sizes])
+    assert fitted.latency_ms == pytest.approx(0.012, rel=1e-6)
+    assert fitted.bytes_per_ms == pytest.approx(50e6, rel=1e-6)
+    times = [DEFAULT_CPU_MODEL.swap_out_ms(s) for s in sizes]
+    assert all(np.diff(times) > 0)
+
+
+def test_unknown_swap_or_timer_is_a_clear_error():
+    model, optimizer, x, y = mlp_case()
+    with pytest.raises(MutwoError, match="unknown swap mode 'sometimes'"):
+        profile_train_step(mlp_step, model, optimizer, x, y, swap="sometimes")
+    with pytest.raises(MutwoError, match="needs a CUDA GPU"):
+        profile_train_step(mlp_step, model, optimizer, x, y, timer="cupti")
