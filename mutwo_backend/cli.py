@@ -1,17 +1,31 @@
-"""Command line: ``python -m mutwo_backend profile --model resnet152 ...``."""
+"""Command line: ``python -m mutwo_backend {profile,sweep} ...``.
+
+``profile`` profiles one training iteration of a zoo model, prints the
+report's tables and saves the report; ``sweep`` profiles a model at several
+batch sizes, stops cleanly at the first out-of-memory and plots peak memory
+and iteration latency against the batch size. Progress goes to stderr, one
+line per phase with its duration and the time elapsed."""
 
 import argparse
+import gc
+import json
 import logging
+import os
 import sys
 import time
+from contextlib import contextmanager
 
 import torch
 
-from .capture import capture_train_step
 from .errors import MutwoError
 from .models import MODELS, get_model, zoo_train_step
+from .report import Report, format_bytes
+from .swap import swap_model
+from .timers import TIMERS
 
 log = logging.getLogger("mutwo")
+SWEEP_SCHEMA = "mutwo.sweep/1"
+CAPTURES = ("train-step", "compile")
 
 OPTIMIZERS = {
     "adam": lambda params: torch.optim.Adam(params, lr=1e-3, fused=True),
@@ -24,67 +38,354 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def default_batch_size(device: str) -> int:
+    return 32 if device == "cuda" else 2
+
+
+# --- arguments -----------------------------------------------------------------
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is negative")
+    return value
+
+
+def _batch_sizes(text: str) -> list[int]:
+    """"4,8,16" -> [4, 8, 16] (sorted, no repeats)."""
+    sizes = []
+    for part in text.split(","):
+        try:
+            sizes.append(_positive_int(part.strip()))
+        except argparse.ArgumentTypeError:
+            raise argparse.ArgumentTypeError(
+                f"invalid batch sizes {text!r}: give positive integers separated by commas, e.g. 4,8,16") from None
+    return sorted(set(sizes))
+
+
+def _add_run_options(parser: argparse.ArgumentParser, out_default: str) -> None:
+    """Flags that ``profile`` and ``sweep`` share."""
+    parser.add_argument("--model", choices=sorted(MODELS), default="resnet152",
+                        help="zoo model, built with random weights; nothing is downloaded (default: resnet152)")
+    parser.add_argument("--seq-len", type=_positive_int, default=None, metavar="L",
+                        help="sequence length of the BERT models (default: 512 for bert, 64 for bert-tiny); "
+                             "ignored by the other models")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device(),
+                        help="where the step runs (default: cuda when a GPU is visible, else cpu)")
+    parser.add_argument("--warmup", type=_non_negative_int, default=1, metavar="K",
+                        help="warm-up iterations, not measured (default: 1)")
+    parser.add_argument("--iters", type=_positive_int, default=3, metavar="K",
+                        help="measured iterations; node times are their medians (default: 3)")
+    parser.add_argument("--timer", choices=TIMERS, default=None,
+                        help="per-node timer: cpu (host clock), cuda-events (an event pair per node) or "
+                             "cupti (kernel times attributed to nodes) (default: cupti on cuda, cpu on cpu)")
+    parser.add_argument("--swap", choices=["model", "measure"], default="model",
+                        help="swap times from the latency + bandwidth model only, or also measured by really "
+                             "copying every activation to pinned host memory and back (default: model)")
+    parser.add_argument("--capture", choices=CAPTURES, default="train-step",
+                        help="train-step: forward, loss, backward and optimizer step traced as one graph; "
+                             "compile: torch.compile(model, backend='mutwo_profile') in an ordinary training "
+                             "loop (the optimizer runs outside the graph) (default: train-step)")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam",
+                        help="adam and adamw are fused; sgd uses momentum 0.9 (default: adam)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch (default: 0)")
+    parser.add_argument("--out", default=out_default, metavar="DIR",
+                        help=f"directory the results are written to (default: {out_default})")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mutwo_backend",
-        description="Profile one training iteration of a model at the level of its fx graph.")
-    commands = parser.add_subparsers(dest="command", required=True)
+        description="Profile whole training iterations of a model at the level of its fx graph: time and "
+                    "memory per node, activation liveness, swap and recompute costs (after mu-TWO).")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{profile,sweep}")
     profile = commands.add_parser(
-        "profile", help="capture a model's train step and summarise its graph",
-        description="Capture forward, loss, backward and optimizer step of a zoo model as one "
-                    "graph and print a summary.")
-    profile.add_argument("--model", choices=sorted(MODELS), default="resnet152",
-                         help="zoo model, built with random weights (default: resnet152)")
-    profile.add_argument("--batch-size", type=int, default=None,
-                         help="mini-batch size (default: 32 on a GPU, 2 on the CPU)")
-    profile.add_argument("--seq-len", type=int, default=None,
-                         help="sequence length for BERT models (default: 512 for bert, 64 for bert-tiny)")
-    profile.add_argument("--device", choices=["cpu", "cuda"], default=default_device(),
-                         help="where the step runs (default: cuda when available, else cpu)")
-    profile.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam",
-                         help="adam and adamw are fused; sgd uses momentum 0.9 (default: adam)")
+        "profile", help="profile one batch size: print the tables, save the report",
+        description="Profile warm-up + measured training iterations of a zoo model, print the report's "
+                    "tables and save report.json, nodes.csv, activations.csv, trace.json, "
+                    "memory_breakdown.png and memory_timeline.png under --out.")
+    _add_run_options(profile, "mutwo_report")
+    profile.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                         help="mini-batch size (default: 32 on cuda, 2 on cpu)")
+    profile.add_argument("--top", type=_positive_int, default=15, metavar="N",
+                         help="rows of the slowest-nodes and largest-activations tables (default: 15)")
+    sweep = commands.add_parser(
+        "sweep", help="profile several batch sizes: peak memory and latency vs batch size",
+        description="Profile a zoo model at each batch size in turn, stop cleanly at the first "
+                    "out-of-memory (recorded in sweep.json), and save sweep.json, "
+                    "peak_memory_vs_batch.png and latency_vs_batch.png under --out, with each batch "
+                    "size's full report in --out/batch_<N>/.")
+    _add_run_options(sweep, "mutwo_sweep")
+    sweep.add_argument("--batch-sizes", type=_batch_sizes, required=True, metavar="N,N,...",
+                       help="comma-separated batch sizes, profiled from the smallest up, e.g. 4,8,16,32")
+    sweep.add_argument("--no-reports", action="store_true",
+                       help="do not save each batch size's own report, only the sweep's files")
     return parser
 
 
+# --- progress --------------------------------------------------------------------
+
 class Phases:
-    """Logs each phase of a long job with the time it took."""
+    """Logs the start and end of each phase with its duration and the time
+    elapsed since the command started."""
 
     def __init__(self):
         self.start = time.perf_counter()
 
-    def run(self, name: str, fn, *args):
+    @contextmanager
+    def phase(self, name: str):
         log.info("%s ...", name)
         begin = time.perf_counter()
-        result = fn(*args)
+        yield
         now = time.perf_counter()
         log.info("%s done in %.1f s (%.1f s elapsed)", name, now - begin, now - self.start)
-        return result
+
+    def run(self, name: str, fn, *args, **kwargs):
+        with self.phase(name):
+            return fn(*args, **kwargs)
+
+
+# --- profiling ---------------------------------------------------------------------
+
+def _check_device(device: str) -> torch.device:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MutwoError("--device cuda was asked for but no CUDA GPU is visible: "
+                         "use --device cpu (or run on a machine with a GPU).")
+    return torch.device(device)
+
+
+def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: Phases) -> Report:
+    """Build the zoo model, profile ``args.warmup + args.iters`` iterations
+    at ``batch_size`` and return the report (meta completed with what the
+    command knows: model, batch size, sequence length, optimizer, seed)."""
+    spec = get_model(args.model)
+    device = _check_device(args.device)
+    seq_len = (args.seq_len or spec.default_seq_len) if spec.default_seq_len else None
+    torch.manual_seed(args.seed)
+    model = phases.run(f"building {spec.name}", lambda: spec.build().to(device))
+    optimizer = OPTIMIZERS[args.optimizer](model.parameters())
+    inputs, targets = spec.make_batch(batch_size, seq_len or 0, device)
+    profile = _profile_compiled if args.capture == "compile" else _profile_train_step
+    report = profile(spec, model, optimizer, inputs, targets, args, phases)
+    return report.add_meta(model=spec.name, batch_size=batch_size, seq_len=seq_len, optimizer=args.optimizer,
+                           seed=args.seed)
+
+
+def _profile_train_step(spec, model, optimizer, inputs, targets, args, phases: Phases) -> Report:
+    """profile_train_step, phase by phase: the same public pieces
+    (capture_train_step, run_pipeline, GraphProfiler) in the same order."""
+    from passes import run_pipeline
+
+    from .capture import capture_train_step
+    from .profiler import GraphProfiler
+
+    device = inputs.device
+    step = phases.run("capture", capture_train_step, zoo_train_step(spec), model, optimizer, inputs, targets)
+    log.info("captured %d nodes", len(step.gm.graph.nodes))
+    analysis = phases.run("passes", run_pipeline, step.gm, step.hints, allocator_rounding=device.type == "cuda")
+    profiler = phases.run("swap model" if device.type == "cuda" else "setup", GraphProfiler, step.gm, analysis,
+                          device, args.timer, args.swap)
+    with phases.phase(f"warm-up ({args.warmup} iteration{'s' * (args.warmup != 1)})"):
+        for _ in range(args.warmup):
+            step.run(inputs, targets, executor=profiler.run)
+    profiler.reset_stats()
+    with phases.phase(f"measurement ({args.iters} iteration{'s' * (args.iters != 1)})"):
+        for _ in range(args.iters):
+            step.run(inputs, targets, executor=profiler.run)
+    return phases.run("report", profiler.report, {"model": spec.name, "capture": "train-step",
+                                                  "warmup": args.warmup})
+
+
+def _profile_compiled(spec, model, optimizer, inputs, targets, args, phases: Phases) -> Report:
+    """An ordinary training loop over torch.compile(model, backend="mutwo_profile")."""
+    from .backend import get_report
+
+    options = {"warmup": args.warmup, "iters": args.iters, "timer": args.timer, "swap": args.swap,
+               "optimizer": optimizer}
+    compiled = torch.compile(model, backend="mutwo_profile", options=options, dynamic=False)
+
+    def step():
+        loss = spec.loss(spec.forward(compiled, inputs), targets)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    phases.run("capture, passes and iteration 1 (dynamo, AOTAutograd)", step)
+    if args.warmup > 1:
+        with phases.phase(f"warm-up (iterations 2 to {args.warmup})"):
+            for _ in range(args.warmup - 1):
+                step()
+    with phases.phase(f"measurement ({args.iters} iteration{'s' * (args.iters != 1)})"):
+        for _ in range(args.iters - (1 if args.warmup == 0 else 0)):
+            step()
+    report = phases.run("report", get_report, compiled)
+    if report is None:
+        raise MutwoError("the compiled model ran but mutwo_profile completed no measurement: "
+                         "did the model run without gradients?")
+    return report
 
 
 def profile(args: argparse.Namespace) -> None:
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise MutwoError("--device cuda was asked for but no CUDA GPU is visible: "
-                         "use --device cpu (or run on a machine with a GPU).")
-    spec = get_model(args.model)
-    device = torch.device(args.device)
-    batch_size = args.batch_size or (32 if device.type == "cuda" else 2)
-    seq_len = args.seq_len or spec.default_seq_len
     phases = Phases()
-    model = phases.run(f"building {spec.name}", lambda: spec.build().to(device))
-    optimizer = OPTIMIZERS[args.optimizer](model.parameters())
-    inputs, targets = spec.make_batch(batch_size, seq_len, device)
-    step = phases.run("capture", capture_train_step, zoo_train_step(spec), model, optimizer, inputs, targets)
-    print(f"model {spec.name}, batch {batch_size}" + (f", seq {seq_len}" if seq_len else "")
-          + f", {args.optimizer}, device {device}, torch {torch.__version__}")
-    print(step.summary())
+    batch_size = args.batch_size or default_batch_size(args.device)
+    report = profile_zoo_model(args, batch_size, phases)
+    report.print(top=args.top)
+    path = phases.run("saving", report.save, args.out)
+    print()
+    print(f"report saved to {os.path.abspath(args.out)}: " + ", ".join(sorted(os.listdir(args.out))))
+    log.debug("report.json at %s", path)
+
+
+# --- sweep -------------------------------------------------------------------------
+
+def is_out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` or an error it was raised from is an out-of-memory:
+    CUDA's (torch.OutOfMemoryError) or the CPU allocator's."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return True
+        if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def sweep(args: argparse.Namespace) -> None:
+    phases = Phases()
+    device = _check_device(args.device)
+    spec = get_model(args.model)
+    runs, not_run = [], []
+    for index, batch_size in enumerate(args.batch_sizes):
+        log.info("batch size %d (%d of %d)", batch_size, index + 1, len(args.batch_sizes))
+        try:
+            report = profile_zoo_model(args, batch_size, phases)
+        except Exception as error:  # noqa: BLE001 - only out-of-memory is expected; the rest is re-raised
+            if not is_out_of_memory(error):
+                raise
+            log.warning("batch size %d ran out of memory: stopping the sweep", batch_size)
+            runs.append({"batch_size": batch_size, "status": "oom",
+                         "error": f"{type(error).__name__}: {error}"[:2000]})
+            not_run = args.batch_sizes[index + 1:]
+            _free_memory(device)
+            break
+        data = report.to_dict()
+        run = {"batch_size": batch_size, "status": "ok",
+               "iteration_time_ms": data["meta"]["iteration_time_ms"],
+               "instrumented_wall_ms": data["meta"].get("instrumented_wall_ms"),
+               "peak_bytes": data["memory"]["peak_bytes"],
+               "measured_peak_bytes": data["memory"]["measured_peak_bytes"],
+               "breakdown_at_peak": data["memory"]["breakdown_at_peak"],
+               "nodes": len(data["nodes"]), "activations": len(data["activations"]),
+               "activation_bytes": sum(a["memory_bytes"] for a in data["activations"]),
+               "report_dir": None}
+        if not args.no_reports:
+            run["report_dir"] = f"batch_{batch_size}"
+            phases.run("saving", report.save, os.path.join(args.out, run["report_dir"]))
+        runs.append(run)
+        del report, data
+        _free_memory(device)
+    result = {"schema": SWEEP_SCHEMA,
+              "meta": {"model": spec.name, "device": str(device), "device_name": _device_name(device),
+                       "torch_version": torch.__version__, "capture": args.capture, "optimizer": args.optimizer,
+                       "seq_len": (args.seq_len or spec.default_seq_len) if spec.default_seq_len else None,
+                       "warmup": args.warmup, "iters": args.iters, "swap": args.swap, "seed": args.seed,
+                       "batch_sizes": args.batch_sizes, "not_run": not_run, "notes": []},
+              "runs": runs}
+    print(format_sweep(result))
+    print()
+    print(f"sweep saved to {os.path.abspath(args.out)}: "
+          + ", ".join(phases.run("saving the sweep", save_sweep, result, args.out)))
+
+
+def save_sweep(result: dict, directory: str) -> list[str]:
+    """Write sweep.json and, with matplotlib, the two plots; returns the file names."""
+    from . import plots
+    from .report import PLOT_HINT
+
+    os.makedirs(directory, exist_ok=True)
+    names = ["sweep.json"]
+    if plots.available():
+        plots.peak_memory_vs_batch(result, os.path.join(directory, "peak_memory_vs_batch.png"))
+        plots.latency_vs_batch(result, os.path.join(directory, "latency_vs_batch.png"))
+        names += ["peak_memory_vs_batch.png", "latency_vs_batch.png"]
+    else:
+        result["meta"]["notes"].append(PLOT_HINT)
+        log.warning(PLOT_HINT)
+    with open(os.path.join(directory, "sweep.json"), "w") as f:
+        json.dump(result, f, indent=1)
+    return names
+
+
+def format_sweep(result: dict) -> str:
+    from tabulate import tabulate
+
+    rows = []
+    for run in result["runs"]:
+        if run["status"] == "ok":
+            rows.append((run["batch_size"], "ok", f"{run['iteration_time_ms']:.2f}",
+                         f"{run['batch_size'] / run['iteration_time_ms'] * 1000:.1f}" if run["iteration_time_ms"] else "-",
+                         format_bytes(run["peak_bytes"]), format_bytes(run["measured_peak_bytes"]),
+                         format_bytes(run["breakdown_at_peak"].get("ACT", 0))))
+        else:
+            rows.append((run["batch_size"], "out of memory", "-", "-", "-", "-", "-"))
+    rows += [(size, "not run (after out of memory)", "-", "-", "-", "-", "-") for size in result["meta"]["not_run"]]
+    meta = result["meta"]
+    title = f"{meta['model']} on {meta['device_name']}, {meta['capture']}, {meta['optimizer']}"
+    return title + "\n" + tabulate(rows, headers=["batch size", "status", "iteration time (ms)", "samples/s",
+                                                  "simulated peak", "measured peak", "ACT at peak"],
+                                   tablefmt="simple", disable_numparse=True)
+
+
+def _free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+# --- entry point ---------------------------------------------------------------------
+
+class _ElapsedFormatter(logging.Formatter):
+    def __init__(self):
+        super().__init__()
+        self.start = time.perf_counter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"[mutwo {time.perf_counter() - self.start:7.1f} s] {record.getMessage()}"
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="[mutwo %(asctime)s] %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_ElapsedFormatter())
+    level = log.level
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        {"profile": profile}[args.command](args)
+        {"profile": profile, "sweep": sweep}[args.command](args)
     except MutwoError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
     return 0

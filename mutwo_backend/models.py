@@ -31,9 +31,10 @@ class ModelSpec:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, spec: ModelSpec,
                inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """One training iteration for a zoo model, with the forward pass marked by sep."""
-    output = sep(spec.forward(model, inputs))
-    loss = spec.loss(output, targets)
+    """One training iteration for a zoo model, with the forward pass marked by
+    sep. No local variable holds the model output: eager PyTorch would keep it
+    alive through backward, which the graph does not."""
+    loss = spec.loss(sep(spec.forward(model, inputs)), targets)
     loss.backward()
     optimizer.step()
     optimizer.zero_grad()

@@ -7,7 +7,10 @@ creates state in its first iteration is not the graph of a steady training
 step.
 """
 
+import copy
+
 import torch
+from torch import fx
 from torch.optim import SGD, Adam, AdamW, Optimizer
 
 from .errors import CaptureError
@@ -140,3 +143,34 @@ CAPTURE_DECOMPOSITIONS = {
     aten._fused_adamw_.default: _functional_fused(aten._fused_adamw.default),
     aten._fused_adamw_.tensor_lr: _functional_fused(aten._fused_adamw.tensor_lr),
 }
+
+
+def _in_place_twin(in_place_op):
+    def run_in_place(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs):
+        in_place_op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs)
+        return params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs
+
+    run_in_place.__name__ = f"{in_place_op.__name__.replace('.', '_')}_in_place"
+    return run_in_place
+
+
+# Running a graph: the functional fused Adam(W) as its in-place twin. The
+# graph copies every output back into the matching input anyway (copy_ of a
+# tensor into itself returns at once), so values are the same while memory
+# and time are the eager optimizer's, not those of a second copy of the
+# parameters and state.
+IN_PLACE_TWINS = {
+    aten._fused_adam.default: _in_place_twin(aten._fused_adam_.default),
+    aten._fused_adam.tensor_lr: _in_place_twin(aten._fused_adam_.tensor_lr),
+    aten._fused_adamw.default: _in_place_twin(aten._fused_adamw_.default),
+    aten._fused_adamw.tensor_lr: _in_place_twin(aten._fused_adamw_.tensor_lr),
+}
+
+
+def with_in_place_optimizer(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose fused Adam(W) runs in place (IN_PLACE_TWINS)."""
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target in IN_PLACE_TWINS:
+            node.target = IN_PLACE_TWINS[node.target]
+    return fx.GraphModule(gm, graph)

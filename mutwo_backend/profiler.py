@@ -2,6 +2,7 @@
 interpreter and the statistics together; profile_train_step is the one-call
 entry point for a user's train step."""
 
+import contextlib
 import logging
 import time
 
@@ -121,17 +122,37 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
     if iters < 1 or warmup < 0:
         raise MutwoError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     device = next(model.parameters()).device
-    started = time.perf_counter()
-    step = capture_train_step(train_step, model, optimizer, *args)
-    log.info("captured %d nodes in %.1f s", len(step.gm.graph.nodes), time.perf_counter() - started)
-    analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
-    profiler = GraphProfiler(step.gm, analysis, device, timer, swap)
-    for i in range(warmup + iters):
-        if i == warmup:
-            profiler.reset_stats()
-        step.run(*args, executor=profiler.run)
-    return profiler.report({"model": model_name or type(model).__name__, "capture": "train-step",
-                            "warmup": warmup})
+    phase = _PhaseLog()
+    with phase("capture"):
+        step = capture_train_step(train_step, model, optimizer, *args)
+    with phase("passes"):
+        analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
+        profiler = GraphProfiler(step.gm, analysis, device, timer, swap)
+    with phase(f"warm-up ({warmup} iterations)"):
+        for _ in range(warmup):
+            step.run(*args, executor=profiler.run)
+    profiler.reset_stats()
+    with phase(f"measurement ({iters} iterations)"):
+        for _ in range(iters):
+            step.run(*args, executor=profiler.run)
+    with phase("report"):
+        return profiler.report({"model": model_name or type(model).__name__, "capture": "train-step",
+                                "warmup": warmup})
+
+
+class _PhaseLog:
+    """Logs each phase of a long job with its duration and the time elapsed."""
+
+    def __init__(self):
+        self.start = time.perf_counter()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        began = time.perf_counter()
+        log.info("%s ...", name)
+        yield
+        now = time.perf_counter()
+        log.info("%s done in %.1f s (%.1f s elapsed)", name, now - began, now - self.start)
 
 
 def _target_name(node: fx.Node) -> str:

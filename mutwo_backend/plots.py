@@ -1,0 +1,215 @@
+"""Memory plots of a report and of a batch-size sweep (PNG, matplotlib's Agg
+backend). matplotlib is an optional extra (``pip install 'mutwo[plot]'``):
+it is imported only when a plot is drawn; ``available()`` says whether it can
+be."""
+
+import importlib.util
+
+from .report import KINDS, _ordered, format_bytes, memory_graph
+
+# One colour per kind, the same in every plot.
+KIND_COLORS = {"PARAM": "#4c72b0", "BUFFER": "#8172b3", "OPT_STATE": "#937860", "GRAD": "#dd8452",
+               "ACT": "#c44e52", "INPUT": "#55a868", "OTHER": "#8c8c8c"}
+REGION_COLORS = {"forward": "#e8f0fb", "loss": "#fdf2e3", "backward": "#fbe9e9", "optimizer": "#eaf5ec"}
+
+
+def available() -> bool:
+    return importlib.util.find_spec("matplotlib") is not None
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot
+    return pyplot
+
+
+def _unit(max_bytes: float) -> tuple[float, str]:
+    for unit, size in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if max_bytes >= size:
+            return size, unit
+    return 1, "B"
+
+
+def _title(data: dict) -> str:
+    meta = data["meta"]
+    parts = [meta.get("model") or "model"]
+    if meta.get("batch_size") is not None:
+        parts.append(f"batch {meta['batch_size']}")
+    parts.append(meta.get("device_name", ""))
+    return ", ".join(p for p in parts if p)
+
+
+def memory_breakdown(data: dict, path: str) -> None:
+    """One stacked bar: memory at the simulated peak by kind, each part
+    labelled with its size and share of the peak."""
+    plt = _pyplot()
+    memory = data["memory"]
+    breakdown = memory["breakdown_at_peak"]
+    kinds = [k for k in _ordered(breakdown, KINDS) if breakdown[k] > 0]
+    total = sum(breakdown[k] for k in kinds) or 1
+    scale, unit = _unit(total)
+    measured = memory.get("measured_peak_bytes")
+    top = max(total, measured or 0) / scale
+    fig, ax = plt.subplots(figsize=(7, 6))
+    bottom, centres = 0.0, []
+    for kind in kinds:
+        value = breakdown[kind] / scale
+        ax.bar([0], [value], bottom=bottom, width=0.6, color=KIND_COLORS.get(kind, "#cccccc"),
+               edgecolor="white")
+        centres.append(bottom + value / 2)
+        bottom += value
+    # labels beside the bar, pushed apart so that thin parts stay readable
+    gap, placed = top * 0.045, []
+    for centre in centres:
+        placed.append(max(centre, placed[-1] + gap) if placed else centre)
+    for kind, centre, y in zip(kinds, centres, placed):
+        ax.annotate(f"{kind}  {format_bytes(breakdown[kind])}  ({100 * breakdown[kind] / total:.1f}%)",
+                    xy=(0.31, centre), xytext=(0.45, y), va="center", fontsize=9,
+                    arrowprops={"arrowstyle": "-", "color": "#666666", "linewidth": 0.7})
+    ax.set_xlim(-0.5, 2.0)
+    ax.set_ylim(0, max([top * 1.05] + [y + gap / 2 for y in placed]))
+    ax.set_xticks([0])
+    ax.set_xticklabels([f"peak at node {memory['peak_rank']}"])
+    ax.set_ylabel(f"memory at peak ({unit})")
+    ax.spines[["top", "right"]].set_visible(False)
+    subtitle = f"simulated peak {format_bytes(memory['peak_bytes'])}"
+    if measured is not None:
+        subtitle += f", measured peak {format_bytes(measured)} (dashed)"
+        ax.plot([-0.35, 0.35], [measured / scale] * 2, color="black", linestyle="--", linewidth=1.2)
+    ax.set_title(f"Peak memory breakdown: {_title(data)}\n{subtitle}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def memory_timeline(data: dict, path: str) -> None:
+    """Simulated live memory per node rank stacked by kind, the regions
+    shaded, the peak marked, and the allocator's measured curve on top when
+    there is one (GPU)."""
+    plt = _pyplot()
+    memory = data["memory"]
+    timeline = memory["timeline"]
+    kinds = [k for k in _ordered(timeline, KINDS) if any(timeline[k])]
+    length = len(next(iter(timeline.values()), []))
+    ranks = list(range(length))
+    totals = [sum(timeline[k][r] for k in timeline) for r in ranks]
+    measured = memory.get("measured_allocated_after_bytes")
+    scale, unit = _unit(max(totals + (measured or []) + [1]))
+    fig, ax = plt.subplots(figsize=(12, 5.5))
+    nodes = memory_graph(data)["nodes"]
+    for region, first, last in _region_spans(nodes[:length]):
+        ax.axvspan(first - 0.5, last + 0.5, color=REGION_COLORS.get(region, "#f4f4f4"), zorder=0)
+        ax.text((first + last) / 2, 1.0, region, transform=ax.get_xaxis_transform(), ha="center",
+                va="bottom", fontsize=9)
+        if first > 0:
+            ax.axvline(first - 0.5, color="#666666", linewidth=0.8, linestyle=":")
+    if kinds:
+        ax.stackplot(ranks, [[b / scale for b in timeline[k]] for k in kinds], labels=kinds,
+                     colors=[KIND_COLORS.get(k, "#cccccc") for k in kinds], step="mid", zorder=2)
+    if measured:
+        ax.plot(ranks, [b / scale for b in measured[:length]], color="black", linewidth=1.2,
+                label="measured (allocator)", zorder=3)
+    peak_rank = memory["peak_rank"]
+    ax.axvline(peak_rank, color="black", linewidth=1, linestyle="--", zorder=3)
+    ax.annotate(f"peak {format_bytes(memory['peak_bytes'])}\nat node {peak_rank}",
+                xy=(peak_rank, memory["peak_bytes"] / scale), xytext=(8, -4), textcoords="offset points",
+                fontsize=9, va="top", zorder=4)
+    ax.set_xlim(-0.5, max(length - 0.5, 0.5))
+    ax.set_ylim(0, max(totals + (measured or []) + [1]) / scale * 1.12)
+    ax.set_xlabel("node rank (graph order)")
+    ax.set_ylabel(f"live memory ({unit})")
+    ax.set_title(f"Live memory per node: {_title(data)}", fontsize=10, pad=16)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], labels[::-1], loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _region_spans(nodes: list[dict]) -> list[tuple[str, int, int]]:
+    """Consecutive runs of one region: (region, first rank, last rank)."""
+    spans = []
+    for rank, node in enumerate(nodes):
+        if spans and spans[-1][0] == node["region"]:
+            spans[-1][2] = rank
+        else:
+            spans.append([node["region"], rank, rank])
+    return [tuple(s) for s in spans]
+
+
+def peak_memory_vs_batch(sweep: dict, path: str) -> None:
+    """Stacked bars of memory at the peak by kind, one bar per batch size;
+    out-of-memory batch sizes are marked."""
+    plt = _pyplot()
+    runs = sweep["runs"]
+    ok = [r for r in runs if r["status"] == "ok"]
+    kinds = [k for k in KINDS if any(r["breakdown_at_peak"].get(k, 0) for r in ok)]
+    top = max([r["peak_bytes"] for r in ok] + [r.get("measured_peak_bytes") or 0 for r in ok] + [1])
+    scale, unit = _unit(top)
+    labels = [str(r["batch_size"]) for r in runs]
+    x = list(range(len(runs)))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(runs) + 3), 5.5))
+    bottom = [0.0] * len(runs)
+    for kind in kinds:
+        values = [r["breakdown_at_peak"].get(kind, 0) / scale if r["status"] == "ok" else 0 for r in runs]
+        ax.bar(x, values, bottom=bottom, color=KIND_COLORS.get(kind, "#cccccc"), label=kind, edgecolor="white")
+        bottom = [b + v for b, v in zip(bottom, values)]
+    for i, r in enumerate(runs):
+        if r["status"] == "ok":
+            ax.text(i, r["peak_bytes"] / scale, format_bytes(r["peak_bytes"]), ha="center", va="bottom", fontsize=8)
+            if r.get("measured_peak_bytes") is not None:
+                ax.plot([i - 0.4, i + 0.4], [r["measured_peak_bytes"] / scale] * 2, color="black",
+                        linestyle="--", linewidth=1, label="measured peak" if i == 0 else None)
+        else:
+            ax.text(i, top / scale * 0.05, "out of\nmemory" if r["status"] == "oom" else r["status"],
+                    ha="center", va="bottom", fontsize=9, color="#c44e52", fontweight="bold")
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels)
+    ax.set_xlabel("mini-batch size")
+    ax.set_ylabel(f"peak memory ({unit})")
+    ax.set_ylim(0, top / scale * 1.12)
+    ax.set_title(f"Peak memory vs mini-batch size: {_sweep_title(sweep)}", fontsize=10)
+    handles, names = ax.get_legend_handles_labels()
+    ax.legend(handles[::-1], names[::-1], loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def latency_vs_batch(sweep: dict, path: str) -> None:
+    """Iteration time (sum of node medians) per batch size, and throughput."""
+    plt = _pyplot()
+    ok = [r for r in sweep["runs"] if r["status"] == "ok"]
+    sizes = [r["batch_size"] for r in ok]
+    times = [r["iteration_time_ms"] for r in ok]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    ax.plot(sizes, times, marker="o", color="#4c72b0", label="iteration time (ms)")
+    for size, ms in zip(sizes, times):
+        ax.annotate(f"{ms:.1f} ms", (size, ms), xytext=(4, 6), textcoords="offset points", fontsize=8)
+    ax.set_xlabel("mini-batch size")
+    ax.set_ylabel("iteration time (ms)")
+    ax.set_ylim(0, max(times + [1]) * 1.15)
+    if ok:
+        second = ax.twinx()
+        second.plot(sizes, [s / (ms / 1000) if ms else 0 for s, ms in zip(sizes, times)], marker="s",
+                    linestyle="--", color="#55a868", label="throughput (samples/s)")
+        second.set_ylabel("throughput (samples/s)")
+        second.set_ylim(bottom=0)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = second.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+    oom = [r["batch_size"] for r in sweep["runs"] if r["status"] == "oom"]
+    if oom:
+        ax.axvline(oom[0], color="#c44e52", linestyle=":", linewidth=1)
+        ax.text(oom[0], ax.get_ylim()[1] * 0.5, f" out of memory\n at batch {oom[0]}", color="#c44e52",
+                fontsize=8)
+    ax.set_title(f"Iteration latency vs mini-batch size: {_sweep_title(sweep)}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _sweep_title(sweep: dict) -> str:
+    meta = sweep["meta"]
+    return ", ".join(str(p) for p in (meta.get("model"), meta.get("device_name")) if p)

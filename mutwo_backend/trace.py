@@ -1,0 +1,124 @@
+"""A report as a Chrome trace (JSON trace event format), to open in Perfetto
+(https://ui.perfetto.dev) or chrome://tracing.
+
+One process per graph (one for a train-step capture), with:
+
+- track "nodes": a complete event ("ph": "X") per node, laid end to end in
+  graph order with its median run time; args hold rank, op, target, region,
+  kind and sizes;
+- counter "live memory (bytes)": the simulated live bytes by kind at each
+  node ("ph": "C"), and on a GPU "measured allocated (bytes)";
+- tracks "swap out (device to host)" and "swap in (host to device)": each
+  activation's modelled copy. A swap-out starts when its last forward access
+  ends, a swap-in ends when its first backward access starts; copies of one
+  direction share one copy stream, so they queue (swap-outs are pushed later,
+  swap-ins pulled earlier). ``args.hidden`` says whether the activation's
+  swap fits in its inactive time.
+
+Timestamps are in microseconds, as the format requires."""
+
+import json
+
+from .report import KINDS, _ordered
+
+NODE_TID, SWAP_OUT_TID, SWAP_IN_TID = 1, 2, 3
+
+
+def chrome_trace(data: dict) -> dict:
+    """The trace of a report dict (schema "mutwo.report/1")."""
+    graphs = data.get("graphs") or [data]
+    model = data["meta"].get("model") or "model"
+    events, offset_us = [], 0.0
+    for index, graph in enumerate(graphs):
+        pid = index + 1
+        name = f"mutwo: {model}" + (f" graph {index}" if len(graphs) > 1 else "")
+        events += _metadata(pid, name)
+        graph_events, offset_us = _graph_events(graph, pid, offset_us)
+        events += graph_events
+    return {"traceEvents": events, "displayTimeUnit": "ms",
+            "otherData": {"schema": data.get("schema"), "model": model,
+                          "device": data["meta"].get("device_name"), "timer": data["meta"].get("timer"),
+                          "note": "node times are medians over the measured iterations, laid end to end"}}
+
+
+def write_trace(data: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(chrome_trace(data), f)
+
+
+def _metadata(pid: int, name: str) -> list[dict]:
+    events = [{"ph": "M", "name": "process_name", "pid": pid, "args": {"name": name}}]
+    for tid, thread in ((NODE_TID, "nodes"), (SWAP_OUT_TID, "swap out (device to host)"),
+                        (SWAP_IN_TID, "swap in (host to device)")):
+        events.append({"ph": "M", "name": "thread_name", "pid": pid, "tid": tid, "args": {"name": thread}})
+        events.append({"ph": "M", "name": "thread_sort_index", "pid": pid, "tid": tid, "args": {"sort_index": tid}})
+    return events
+
+
+def _graph_events(graph: dict, pid: int, offset_us: float) -> tuple[list[dict], float]:
+    nodes, memory = graph["nodes"], graph["memory"]
+    # whole nanoseconds, so that a node ends exactly where the next begins
+    # (viewers nest slices of one track and would otherwise see overlaps)
+    start_ns, t = [], round(offset_us * 1000)
+    for n in nodes:
+        start_ns.append(t)
+        t += _ns(n["run_time_ms"])
+    start, end_us = [s / 1000 for s in start_ns], t / 1000
+    events = []
+    for n, ts in zip(nodes, start):
+        events.append({"ph": "X", "name": n["name"], "cat": n["region"], "pid": pid, "tid": NODE_TID,
+                       "ts": ts, "dur": _ns(n["run_time_ms"]) / 1000,
+                       "args": {"rank": n["rank"], "op": n["op"], "target": n["target"], "region": n["region"],
+                                "kind": n["kind"], "run_time_ms": n["run_time_ms"],
+                                "output_bytes": n["output_bytes"], "peak_bytes": n["peak_bytes"]}})
+    timeline = memory["timeline"]
+    kinds = _ordered(timeline, KINDS)
+    length = min([len(nodes)] + [len(v) for v in timeline.values()])
+    measured = memory.get("measured_allocated_after_bytes")
+    for rank in range(length):
+        events.append({"ph": "C", "name": "live memory (bytes)", "pid": pid, "ts": start[rank],
+                       "args": {kind: timeline[kind][rank] for kind in kinds}})
+        if measured:
+            events.append({"ph": "C", "name": "measured allocated (bytes)", "pid": pid, "ts": start[rank],
+                           "args": {"allocated": measured[rank]}})
+    if length:
+        events.append({"ph": "C", "name": "live memory (bytes)", "pid": pid, "ts": end_us,
+                       "args": {kind: timeline[kind][length - 1] for kind in kinds}})
+    events += _swap_events(graph["activations"], nodes, start_ns, pid)
+    return events, end_us
+
+
+def _ns(ms: float) -> int:
+    return round(ms * 1e6)
+
+
+def _swap_events(activations: list[dict], nodes: list[dict], start_ns: list[int], pid: int) -> list[dict]:
+    events = []
+    free_at = None  # swap-outs queue on one stream, in order of readiness
+    for a in sorted(activations, key=lambda a: (a["last_fw_rank"], a["creation_rank"])):
+        rank = a["last_fw_rank"]
+        ts = start_ns[rank] + _ns(nodes[rank]["run_time_ms"])
+        ts = ts if free_at is None else max(ts, free_at)
+        dur = _ns(a["swap_out_ms"])
+        free_at = ts + dur
+        events.append(_swap_event(a, "swap out", SWAP_OUT_TID, pid, ts, dur, a["swap_out_ms"],
+                                  a.get("swap_out_measured_ms")))
+    busy_from = None  # swap-ins queue backwards from when they are needed
+    for a in sorted(activations, key=lambda a: (-a["first_bw_rank"], -a["creation_rank"])):
+        finish = start_ns[a["first_bw_rank"]]
+        finish = finish if busy_from is None else min(finish, busy_from)
+        dur = _ns(a["swap_in_ms"])
+        busy_from = finish - dur
+        events.append(_swap_event(a, "swap in", SWAP_IN_TID, pid, busy_from, dur, a["swap_in_ms"],
+                                  a.get("swap_in_measured_ms")))
+    return events
+
+
+def _swap_event(a: dict, what: str, tid: int, pid: int, ts_ns: int, dur_ns: int, model_ms: float,
+                measured_ms: float | None) -> dict:
+    return {"ph": "X", "name": f"{what} {a['name']}", "cat": what, "pid": pid, "tid": tid,
+            "ts": ts_ns / 1000, "dur": dur_ns / 1000,
+            "args": {"activation": a["name"], "memory_bytes": a["memory_bytes"], "model_ms": model_ms,
+                     "measured_ms": measured_ms, "inactive_time_ms": a["inactive_time_ms"],
+                     "hidden": a["swap_hidden"], "last_fw_rank": a["last_fw_rank"],
+                     "first_bw_rank": a["first_bw_rank"]}}
