@@ -57,7 +57,7 @@ def activation_metrics(analysis: GraphAnalysis, run_time_ms: np.ndarray, swap: S
             swap_out_ms=out_ms, swap_in_ms=in_ms,
             swap_out_measured_ms=measured_out.get(node.name),
             swap_in_measured_ms=measured_in.get(node.name),
-            swap_hidden=out_ms + in_ms <= inactive_ms,
+            swap_hidden=bool(out_ms + in_ms <= inactive_ms),
             recompute_srcs=[n.name for n in recompute.srcs],
             recompute_nodes=[n.name for n in recompute.nodes],
             recompute_time_ms=recompute_ms,

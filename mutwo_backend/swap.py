@@ -87,4 +87,4 @@ def _fit(sizes: list[int], times_ms: list[float]) -> CopyCost:
     sizes_arr, times_arr = np.asarray(sizes, float), np.asarray(times_ms, float)
     design = np.stack([np.ones_like(sizes_arr), sizes_arr], axis=1) / times_arr[:, None]
     (latency_ms, ms_per_byte), *_ = np.linalg.lstsq(design, np.ones_like(times_arr), rcond=None)
-    return CopyCost(max(latency_ms, 0.0), 1.0 / ms_per_byte)
+    return CopyCost(max(float(latency_ms), 0.0), float(1.0 / ms_per_byte))

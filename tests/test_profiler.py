@@ -171,6 +171,7 @@ def test_swap_model_grows_with_size_and_fit_recovers_known_costs():
     sizes = [64 * 1024 * 4 ** k for k in range(8)]
     truth = CopyCost(latency_ms=0.012, bytes_per_ms=50e6)
     fitted = _fit(sizes, [truth.time_ms(s) for s in sizes])
+    assert type(fitted.latency_ms) is float and type(fitted.bytes_per_ms) is float  # JSON-ready
     assert fitted.latency_ms == pytest.approx(0.012, rel=1e-6)
     assert fitted.bytes_per_ms == pytest.approx(50e6, rel=1e-6)
     times = [DEFAULT_CPU_MODEL.swap_out_ms(s) for s in sizes]
