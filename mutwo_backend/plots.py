@@ -95,9 +95,9 @@ def memory_timeline(data: dict, path: str) -> None:
     ranks = list(range(length))
     totals = [sum(timeline[k][r] for k in timeline) for r in ranks]
     measured = memory.get("measured_allocated_after_bytes")
-    scale, unit = _unit(max(totals + (measured or []) + [1]))
-    fig, ax = plt.subplots(figsize=(12, 5.5))
     nodes = memory_graph(data)["nodes"]
+    scale, unit = _unit(max(totals + (measured or []) + [memory["peak_bytes"], 1]))
+    fig, ax = plt.subplots(figsize=(14, 5.5))
     for region, first, last in _region_spans(nodes[:length]):
         ax.axvspan(first - 0.5, last + 0.5, color=REGION_COLORS.get(region, "#f4f4f4"), zorder=0)
         ax.text((first + last) / 2, 1.0, region, transform=ax.get_xaxis_transform(), ha="center",
@@ -107,21 +107,27 @@ def memory_timeline(data: dict, path: str) -> None:
     if kinds:
         ax.stackplot(ranks, [[b / scale for b in timeline[k]] for k in kinds], labels=kinds,
                      colors=[KIND_COLORS.get(k, "#cccccc") for k in kinds], step="mid", zorder=2)
+    during = [n["peak_bytes"] for n in nodes[:length]] if len(nodes) >= length else []
+    if during:
+        ax.plot(ranks, [b / scale for b in during], color="#333333", linewidth=0.6, alpha=0.7, zorder=3,
+                drawstyle="steps-mid",
+                label="measured peak while each\nnode runs (allocator)" if measured else
+                      "simulated, while each node runs\n(inputs held, outputs allocated)")
     if measured:
-        ax.plot(ranks, [b / scale for b in measured[:length]], color="black", linewidth=1.2,
-                label="measured (allocator)", zorder=3)
-    peak_rank = memory["peak_rank"]
-    ax.axvline(peak_rank, color="black", linewidth=1, linestyle="--", zorder=3)
-    ax.annotate(f"peak {format_bytes(memory['peak_bytes'])}\nat node {peak_rank}",
-                xy=(peak_rank, memory["peak_bytes"] / scale), xytext=(8, -4), textcoords="offset points",
-                fontsize=9, va="top", zorder=4)
+        ax.plot(ranks, [b / scale for b in measured[:length]], color="black", linewidth=1.4,
+                label="measured allocated after\neach node (allocator)", zorder=4, drawstyle="steps-mid")
+    peak_rank, peak = memory["peak_rank"], memory["peak_bytes"]
+    ax.plot([peak_rank], [peak / scale], marker="v", color="black", markersize=7, zorder=5, linestyle="none")
+    ax.annotate(f"simulated peak {format_bytes(peak)}\nwhile node {peak_rank} runs", xy=(peak_rank, peak / scale),
+                xytext=(8, 2), textcoords="offset points", fontsize=9, va="bottom", zorder=5)
+    top = max(totals + during + (measured or []) + [peak, 1])
     ax.set_xlim(-0.5, max(length - 0.5, 0.5))
-    ax.set_ylim(0, max(totals + (measured or []) + [1]) / scale * 1.12)
+    ax.set_ylim(0, top / scale * 1.15)
     ax.set_xlabel("node rank (graph order)")
-    ax.set_ylabel(f"live memory ({unit})")
+    ax.set_ylabel(f"live memory after each node ({unit})")
     ax.set_title(f"Live memory per node: {_title(data)}", fontsize=10, pad=16)
     handles, labels = ax.get_legend_handles_labels()
-    ax.legend(handles[::-1], labels[::-1], loc="upper left", fontsize=8)
+    ax.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -149,7 +155,7 @@ def peak_memory_vs_batch(sweep: dict, path: str) -> None:
     scale, unit = _unit(top)
     labels = [str(r["batch_size"]) for r in runs]
     x = list(range(len(runs)))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(runs) + 3), 5.5))
+    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(runs) + 4), 5.5))
     bottom = [0.0] * len(runs)
     for kind in kinds:
         values = [r["breakdown_at_peak"].get(kind, 0) / scale if r["status"] == "ok" else 0 for r in runs]
@@ -171,7 +177,7 @@ def peak_memory_vs_batch(sweep: dict, path: str) -> None:
     ax.set_ylim(0, top / scale * 1.12)
     ax.set_title(f"Peak memory vs mini-batch size: {_sweep_title(sweep)}", fontsize=10)
     handles, names = ax.get_legend_handles_labels()
-    ax.legend(handles[::-1], names[::-1], loc="upper left", fontsize=8)
+    ax.legend(handles[::-1], names[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -183,7 +189,9 @@ def latency_vs_batch(sweep: dict, path: str) -> None:
     ok = [r for r in sweep["runs"] if r["status"] == "ok"]
     sizes = [r["batch_size"] for r in ok]
     times = [r["iteration_time_ms"] for r in ok]
-    fig, ax = plt.subplots(figsize=(7, 5))
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    if len(sizes) > 1 and max(sizes) >= 4 * min(sizes):
+        ax.set_xscale("log", base=2)
     ax.plot(sizes, times, marker="o", color="#4c72b0", label="iteration time (ms)")
     for size, ms in zip(sizes, times):
         ax.annotate(f"{ms:.1f} ms", (size, ms), xytext=(4, 6), textcoords="offset points", fontsize=8)
@@ -198,12 +206,15 @@ def latency_vs_batch(sweep: dict, path: str) -> None:
         second.set_ylim(bottom=0)
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = second.get_legend_handles_labels()
-        ax.legend(h1 + h2, l1 + l2, loc="upper left", fontsize=8)
+        ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8)
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(s) for s in sizes])
+        ax.minorticks_off()
     oom = [r["batch_size"] for r in sweep["runs"] if r["status"] == "oom"]
     if oom:
         ax.axvline(oom[0], color="#c44e52", linestyle=":", linewidth=1)
-        ax.text(oom[0], ax.get_ylim()[1] * 0.5, f" out of memory\n at batch {oom[0]}", color="#c44e52",
-                fontsize=8)
+        ax.text(oom[0], ax.get_ylim()[1] * 0.5, f"out of memory \nat batch {oom[0]} ", color="#c44e52",
+                fontsize=8, ha="right")
     ax.set_title(f"Iteration latency vs mini-batch size: {_sweep_title(sweep)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

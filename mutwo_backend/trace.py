@@ -6,8 +6,9 @@ One process per graph (one for a train-step capture), with:
 - track "nodes": a complete event ("ph": "X") per node, laid end to end in
   graph order with its median run time; args hold rank, op, target, region,
   kind and sizes;
-- counter "live memory (bytes)": the simulated live bytes by kind at each
-  node ("ph": "C"), and on a GPU "measured allocated (bytes)";
+- counters ("ph": "C") "live memory (bytes)" (simulated total, and on a GPU
+  the allocator's measured bytes) and "live memory by kind (bytes)": the
+  bytes live after each node, from the moment it ends;
 - tracks "swap out (device to host)" and "swap in (host to device)": each
   activation's modelled copy. A swap-out starts when its last forward access
   ends, a swap-in ends when its first backward access starts; copies of one
@@ -72,18 +73,21 @@ def _graph_events(graph: dict, pid: int, offset_us: float) -> tuple[list[dict], 
                                 "kind": n["kind"], "run_time_ms": n["run_time_ms"],
                                 "output_bytes": n["output_bytes"], "peak_bytes": n["peak_bytes"]}})
     timeline = memory["timeline"]
-    kinds = _ordered(timeline, KINDS)
+    kinds = [k for k in _ordered(timeline, KINDS) if any(timeline[k])]
     length = min([len(nodes)] + [len(v) for v in timeline.values()])
     measured = memory.get("measured_allocated_after_bytes")
-    for rank in range(length):
-        events.append({"ph": "C", "name": "live memory (bytes)", "pid": pid, "ts": start[rank],
-                       "args": {kind: timeline[kind][rank] for kind in kinds}})
-        if measured:
-            events.append({"ph": "C", "name": "measured allocated (bytes)", "pid": pid, "ts": start[rank],
-                           "args": {"allocated": measured[rank]}})
+
+    def counters(ts, rank):
+        yield {"ph": "C", "name": "live memory by kind (bytes)", "pid": pid, "ts": ts,
+               "args": {kind: timeline[kind][rank] for kind in kinds}}
+        yield {"ph": "C", "name": "live memory (bytes)", "pid": pid, "ts": ts,
+               "args": {"simulated": sum(timeline[kind][rank] for kind in kinds),
+                        **({"measured": measured[rank]} if measured else {})}}
+
     if length:
-        events.append({"ph": "C", "name": "live memory (bytes)", "pid": pid, "ts": end_us,
-                       "args": {kind: timeline[kind][length - 1] for kind in kinds}})
+        events += counters(start[0], 0)
+    for rank in range(length):  # the value after node r, from the moment it ends
+        events += counters(start[rank + 1] if rank + 1 < len(start) else end_us, rank)
     events += _swap_events(graph["activations"], nodes, start_ns, pid)
     return events, end_us
 

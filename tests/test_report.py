@@ -1,0 +1,214 @@
+"""Report files from real CPU profiles: report.json against the schema of
+DESIGN.md, CSV row counts, non-blank PNGs, a Chrome trace with every node,
+the printed tables, and saving without matplotlib."""
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import mutwo_backend
+from mutwo_backend import plots
+from mutwo_backend.models import get_model, zoo_train_step
+from mutwo_backend.profiler import profile_train_step
+from mutwo_backend.report import PLOT_HINT, Report, validate
+
+FILES = ["report.json", "nodes.csv", "activations.csv", "trace.json", "memory_breakdown.png",
+         "memory_timeline.png"]
+KINDS = {"PARAM", "BUFFER", "INPUT", "ACT", "GRAD", "OPT_STATE", "OTHER"}
+REGIONS = {"forward", "loss", "backward", "optimizer"}
+
+# The schema "mutwo.report/1" as DESIGN.md lists it, written out here on its
+# own so that the test does not check the code against itself.
+NUMBER, OPTIONAL_NUMBER = (int, float), (int, float, type(None))
+SCHEMA = {
+    "meta": {"model": str, "capture": str, "warmup": int, "iters": int, "device": str, "device_name": str,
+             "torch_version": str, "timer": str, "iteration_time_ms": NUMBER, "swap": str, "notes": list},
+    "node": {"name": str, "rank": int, "op": str, "target": str, "region": str, "kind": str,
+             "run_time_ms": NUMBER, "peak_bytes": int, "active_bytes": int, "output_bytes": int},
+    "activation": {"name": str, "memory_bytes": int, "creation_rank": int, "last_fw_rank": int,
+                   "first_bw_rank": int, "last_bw_rank": int, "inactive_time_ms": NUMBER,
+                   "swap_out_ms": NUMBER, "swap_in_ms": NUMBER, "swap_out_measured_ms": OPTIONAL_NUMBER,
+                   "swap_in_measured_ms": OPTIONAL_NUMBER, "swap_hidden": bool, "recompute_srcs": list,
+                   "recompute_nodes": list, "recompute_time_ms": NUMBER, "recompute_peak_bytes": int,
+                   "recompute_ratio": OPTIONAL_NUMBER, "recomputable": bool},
+    "memory": {"peak_bytes": int, "peak_rank": int, "breakdown_at_peak": dict, "timeline": dict,
+               "measured_peak_bytes": (int, type(None))},
+}
+
+
+def check_fields(record: dict, fields: dict, where: str) -> None:
+    for name, types in fields.items():
+        assert name in record, f"{where} lacks {name}"
+        value = record[name]
+        assert isinstance(value, types), f"{where}.{name} = {value!r} is not {types}"
+        if types in (int, NUMBER):
+            assert not isinstance(value, bool), f"{where}.{name} is a bool"
+
+
+@pytest.fixture(scope="module")
+def report():
+    spec = get_model("bert-tiny")
+    torch.manual_seed(0)
+    model = spec.build()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
+    inputs, targets = spec.make_batch(2, 32, torch.device("cpu"))
+    return profile_train_step(zoo_train_step(spec), model, optimizer, inputs, targets, warmup=1, iters=2,
+                              model_name=spec.name).add_meta(batch_size=2, seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def saved(report, tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("report"))
+    assert report.save(directory) == os.path.join(directory, "report.json")
+    return directory
+
+
+def test_save_writes_every_file(saved):
+    assert sorted(os.listdir(saved)) == sorted(FILES)
+
+
+def test_report_json_has_every_schema_field_with_the_right_type(saved):
+    with open(os.path.join(saved, "report.json")) as f:
+        data = json.load(f)
+    assert data["schema"] == "mutwo.report/1"
+    check_fields(data["meta"], SCHEMA["meta"], "meta")
+    assert data["meta"]["model"] == "bert-tiny" and data["meta"]["batch_size"] == 2
+    assert data["meta"]["capture"] == "train-step" and data["meta"]["timer"] == "cpu"
+    assert (data["meta"]["warmup"], data["meta"]["iters"]) == (1, 2)
+    assert data["nodes"] and data["activations"]
+    for i, node in enumerate(data["nodes"]):
+        check_fields(node, SCHEMA["node"], f"nodes[{i}]")
+        assert node["rank"] == i and node["region"] in REGIONS and node["kind"] in KINDS
+    names = {n["name"] for n in data["nodes"]}
+    for i, act in enumerate(data["activations"]):
+        check_fields(act, SCHEMA["activation"], f"activations[{i}]")
+        assert act["creation_rank"] <= act["last_fw_rank"] < act["first_bw_rank"] <= act["last_bw_rank"]
+        assert set(act["recompute_nodes"]) <= names and set(act["recompute_srcs"]) <= names
+    memory = data["memory"]
+    check_fields(memory, SCHEMA["memory"], "memory")
+    assert memory["measured_peak_bytes"] is None  # no allocator on the CPU
+    assert set(memory["breakdown_at_peak"]) <= KINDS and set(memory["timeline"]) <= KINDS
+    assert sum(memory["breakdown_at_peak"].values()) == memory["peak_bytes"]
+    for kind, series in memory["timeline"].items():
+        assert len(series) == len(data["nodes"]) and all(isinstance(b, int) for b in series), kind
+    assert validate(data) == []  # the module's own check agrees
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_csv_rows_equal_nodes_and_activations(saved, report):
+    data = report.to_dict()
+    nodes = read_csv(os.path.join(saved, "nodes.csv"))
+    activations = read_csv(os.path.join(saved, "activations.csv"))
+    assert len(nodes) == len(data["nodes"]) and len(activations) == len(data["activations"])
+    assert [r["name"] for r in nodes] == [n["name"] for n in data["nodes"]]
+    # exact numbers in files: bytes as integers, times unrounded
+    assert int(nodes[5]["output_bytes"]) == data["nodes"][5]["output_bytes"]
+    assert float(nodes[5]["run_time_ms"]) == data["nodes"][5]["run_time_ms"]
+    assert int(activations[0]["memory_bytes"]) == data["activations"][0]["memory_bytes"]
+    assert activations[0]["recompute_nodes"].split() == data["activations"][0]["recompute_nodes"]
+
+
+@pytest.mark.parametrize("name", ["memory_breakdown.png", "memory_timeline.png"])
+def test_pngs_open_and_are_not_blank(saved, name):
+    image = pytest.importorskip("matplotlib.image").imread(os.path.join(saved, name))
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    pixels = np.ascontiguousarray((image[..., :3] * 255).astype(np.uint8))
+    colours = np.unique(pixels.reshape(-1, 3).view([("r", np.uint8), ("g", np.uint8), ("b", np.uint8)]))
+    assert len(colours) > 1
+
+
+def test_trace_has_a_complete_event_per_node_and_counters(saved, report):
+    with open(os.path.join(saved, "trace.json")) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"]
+    data = report.to_dict()
+    thread = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
+    node_tid = next(t for t, name in thread.items() if name == "nodes")
+    complete = [e for e in events if e["ph"] == "X" and e["tid"] == node_tid]
+    assert [e["name"] for e in complete] == [n["name"] for n in data["nodes"]]
+    for event, node in zip(complete, data["nodes"]):
+        assert event["args"]["region"] == node["region"] and event["args"]["op"] == node["op"]
+        assert event["dur"] == pytest.approx(node["run_time_ms"] * 1000, abs=1e-3)
+    # one track: each node starts where the one before ends
+    for before, after in zip(complete, complete[1:]):
+        assert round((before["ts"] + before["dur"]) * 1000) == round(after["ts"] * 1000)
+    counters = [e for e in events if e["ph"] == "C"]
+    assert len(counters) >= len(data["nodes"])
+    totals = [e["args"]["simulated"] for e in counters if e["name"] == "live memory (bytes)"]
+    assert max(totals) == max(sum(series[r] for series in data["memory"]["timeline"].values())
+                              for r in range(len(data["nodes"])))
+    swaps = [e for e in events if e["ph"] == "X" and thread[e["tid"]].startswith("swap")]
+    assert len(swaps) == 2 * len(data["activations"])
+    start = {e["name"]: e["ts"] for e in complete}
+    for event in swaps:  # a swap-out begins after its last forward access, a swap-in ends before its first backward
+        node = data["nodes"][event["args"]["last_fw_rank" if event["cat"] == "swap out" else "first_bw_rank"]]
+        if event["cat"] == "swap out":
+            assert event["ts"] >= start[node["name"]]
+        else:
+            assert event["ts"] + event["dur"] <= start[node["name"]] + 1e-3
+
+
+def test_print_shows_summary_regions_top_nodes_and_activations(report, capsys):
+    report.print(top=5)
+    out = capsys.readouterr().out
+    for text in ["bert-tiny", "iteration time", "simulated peak memory", "ACT at peak", "region", "forward",
+                 "backward", "optimizer", "top 5 nodes by time", "time (ms)", "share", "activations by size",
+                 "inactive (ms)", "swap out (ms)", "recompute ratio (MiB/ms)", "recomputable", "swap hidden"]:
+        assert text in out, text
+    assert "MiB" in out or "KiB" in out  # human-readable sizes in tables
+
+
+def test_load_reads_back_what_save_wrote(saved, report):
+    assert Report.load(saved).to_dict() == json.loads(json.dumps(report.to_dict()))
+
+
+def test_without_matplotlib_everything_else_is_written(report, tmp_path, monkeypatch):
+    monkeypatch.setattr(plots, "available", lambda: False)
+    report.save(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(f for f in FILES if not f.endswith(".png"))
+    with open(tmp_path / "report.json") as f:
+        assert PLOT_HINT in json.load(f)["meta"]["notes"]
+    assert "pip install 'mutwo[plot]'" in PLOT_HINT
+    assert PLOT_HINT not in report.to_dict()["meta"]["notes"]  # the report itself is unchanged
+
+
+class BreakingMLP(torch.nn.Module):
+    """A graph break in forward: two dynamo graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.fc1(x))
+        torch._dynamo.graph_break()
+        return self.fc2(x)
+
+
+def test_compile_report_with_graph_break_saves_one_trace_process_per_graph(tmp_path):
+    torch.manual_seed(0)
+    model = BreakingMLP()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    compiled = torch.compile(model, backend="mutwo_profile", options={"warmup": 1, "iters": 1})
+    x, y = torch.randn(4, 8), torch.randint(0, 4, (4,))
+    for _ in range(2):
+        torch.nn.functional.cross_entropy(compiled(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    report = mutwo_backend.get_report(compiled)
+    assert report is not None and len(report.to_dict()["graphs"]) == 2
+    report.save(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == sorted(FILES)
+    with open(tmp_path / "trace.json") as f:
+        events = json.load(f)["traceEvents"]
+    processes = {e["pid"] for e in events if e["ph"] == "X"}
+    assert processes == {1, 2}
+    assert len([e for e in events if e["ph"] == "X" and e["tid"] == 1]) == len(report.to_dict()["nodes"])
