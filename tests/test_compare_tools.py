@@ -45,7 +45,8 @@ def test_goal_checks_and_mapping():
     truth = {"peak_bytes": 1000, "params_bytes": 100, "params_alloc_bytes": 512, "grads_bytes": 100,
              "grads_alloc_bytes": 512, "optimizer_state_bytes": 200, "optimizer_state_alloc_bytes": 1024,
              "kernel_time_ms": 10.0, "step_ms": 11.0}
-    mutwo = {"time_s": 5.0, "peak_bytes": 1005, "measured_peak_bytes": 1000, "node_time_sum_ms": 10.4,
+    mutwo = {"time_s": 5.0, "peak_bytes": 1000, "measured_peak_bytes": 1000, "simulated_peak_bytes": 1005,
+             "node_time_sum_ms": 10.4,
              "breakdown": {"PARAM": 512, "GRAD": 60, "OPT_STATE": 200, "ACT": 96, "INPUT": 7, "OTHER": 130},
              "max_over_iteration": {"GRAD": 100}}
     result = {"model": "resnet152", "batch": 64, "device": "cuda:0", "device_name": "test",
