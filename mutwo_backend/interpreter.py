@@ -76,6 +76,10 @@ class ProfilingInterpreter(fx.Interpreter):
         try:
             out = self.boxed_run(args[0]) if boxed else self.run(*args)
         finally:
+            # fx.Interpreter keeps its env after run(): the output node's entry
+            # would hold the outputs (a forward graph's saved activations)
+            # until the next run, past their last use in backward.
+            self.env = {}
             run_time_ms = self.timer.finish_iteration()
         if self.on_cuda:
             torch.cuda.synchronize()
