@@ -184,3 +184,13 @@ def test_unknown_swap_or_timer_is_a_clear_error():
         profile_train_step(mlp_step, model, optimizer, x, y, swap="sometimes")
     with pytest.raises(MutwoError, match="needs a CUDA GPU"):
         profile_train_step(mlp_step, model, optimizer, x, y, timer="cupti")
+
+
+def test_interpreter_holds_no_values_after_a_run():
+    """A forward graph's outputs (saved activations) must be freed at their
+    last use in backward, not kept by the interpreter until the next run."""
+    model, optimizer, x, y = mlp_case()
+    step = mutwo_backend.capture_train_step(mlp_step, model, optimizer, x, y)
+    interp = interpreter_module.ProfilingInterpreter(step.gm, torch.device("cpu"), "cpu")
+    loss, _ = interp.run_iteration(*step.graph_inputs(x, y))[0]
+    assert loss.isfinite() and interp.env == {}
