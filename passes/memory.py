@@ -45,48 +45,52 @@ class MemorySimulation:
         return self.timeline[self.kinds.index(kind)]
 
 
-def storage_kind(key: int, storages: StorageMap, kinds: Mapping[fx.Node, NodeType],
-                 marked: Mapping[int, NodeType]) -> NodeType:
-    """An input keeps its placeholder's kind; a storage an activation or a
-    gradient refers to is ACT or GRAD (a multi-output op such as
-    convolution_backward makes a gradient and an OTHER at once); else the
-    kind of the node that made it."""
-    creator = storages.creator[key]
-    if creator.op == "placeholder":
-        return kinds[creator]
-    return marked.get(key, kinds[creator])
-
-
-def simulate_memory(nodes, rank, kinds, storages: StorageMap, allocator_rounding: bool = False) -> MemorySimulation:
-    count = len(nodes)
-    last_use = {}
-    for node in nodes:
-        r = rank[node]
-        for key in storages.refs.get(node, ()):
-            last_use[key] = max(last_use.get(key, r), r)
-        for source in node.all_input_nodes:
-            for key in storages.refs.get(source, ()):
-                last_use[key] = max(last_use[key], r)
+def storage_kinds(storages: StorageMap, kinds: Mapping[fx.Node, NodeType]) -> dict[int, NodeType]:
+    """A placeholder's storage keeps its placeholder's kind. Any other storage
+    is ACT if an activation refers to it, else GRAD if a gradient does (an
+    activation may be a view or an in-place result of a node of another kind,
+    and a multi-output op such as convolution_backward makes a gradient and
+    an OTHER at once), else the kind of the node that created it."""
     marked = {}
     for wanted in (NodeType.GRAD, NodeType.ACT):  # ACT wins over GRAD
         marked.update({key: wanted for node, kind in kinds.items() if kind is wanted
                        for key in storages.refs.get(node, ())})
+    return {key: kinds[creator] if creator.op == "placeholder" else marked.get(key, kinds[creator])
+            for key, creator in storages.creator.items()}
+
+
+def last_uses(nodes, rank, storages: StorageMap) -> dict[int, int]:
+    """Rank after which each storage is free: the last reader of any node
+    that refers to it (a container such as a multi-output op's tuple holds
+    its storages until its last getitem)."""
+    last_use = {}
+    for node in nodes:
+        until = max((rank[user] for user in node.users), default=rank[node])
+        for key in storages.refs.get(node, ()):
+            if last_use.get(key, -1) < until:
+                last_use[key] = until
+    return last_use
+
+
+def simulate_memory(nodes, rank, kinds, storages: StorageMap, allocator_rounding: bool = False) -> MemorySimulation:
+    count = len(nodes)
+    last_use = last_uses(nodes, rank, storages)
+    kind_of = storage_kinds(storages, kinds)
+    kind_index = {kind: i for i, kind in enumerate(KIND_ORDER)}
+    output_rank = rank[nodes[-1]]
     # +bytes at creation, -bytes after last use; inputs and outputs live throughout
     allocated = np.zeros((len(KIND_ORDER), count + 1), dtype=np.int64)
     freed = np.zeros((len(KIND_ORDER), count + 1), dtype=np.int64)
-    kind_index = {kind: i for i, kind in enumerate(KIND_ORDER)}
-    output = nodes[-1]
     for key, creator in storages.creator.items():
-        k = kind_index[storage_kind(key, storages, kinds, marked)]
+        k = kind_index[kind_of[key]]
         nbytes = rounded(storages.nbytes[key], allocator_rounding)
-        start = 0 if creator.op == "placeholder" else rank[creator]
-        end = count if creator.op == "placeholder" or last_use[key] >= rank[output] else last_use[key]
-        allocated[k, start] += nbytes
-        freed[k, end] += nbytes
-    during = np.cumsum(allocated, axis=1) - np.concatenate(
-        [np.zeros((len(KIND_ORDER), 1), dtype=np.int64), np.cumsum(freed, axis=1)[:, :-1]], axis=1)
-    timeline = (during - freed)[:, :count]
-    during = during[:, :count]
+        resident = creator.op == "placeholder"
+        allocated[k, 0 if resident else rank[creator]] += nbytes
+        freed[k, count if resident or last_use[key] >= output_rank else last_use[key]] += nbytes
+    held = np.cumsum(allocated, axis=1)[:, :count]
+    freed_through = np.cumsum(freed, axis=1)[:, :count]
+    during = held - freed_through + freed[:, :count]  # frees at rank r happen after node r
+    timeline = held - freed_through
     peak_during = during.sum(axis=0)
     peak_rank = int(np.argmax(peak_during))
     breakdown = {kind: int(during[i, peak_rank]) for i, kind in enumerate(KIND_ORDER)}
