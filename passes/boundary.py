@@ -18,6 +18,7 @@ from .errors import AnalysisError
 SEP_TARGETS = ("separator.sep.default",)
 SEP_BACKWARD_TARGETS = ("separator.sep_backward.default",)
 RECORD_FUNCTION_ENTER = "profiler._record_function_enter_new.default"
+FORWARD_TAGS = ("is_forward", "must_be_in_forward")
 
 
 class Region(enum.Enum):
@@ -29,9 +30,10 @@ class Region(enum.Enum):
 
 @dataclass(frozen=True)
 class Boundary:
-    """``sep_rank`` / ``sep_backward_rank``: the separator nodes (for joint
-    graphs, the first node after the last forward node and the first backward
-    node). ``optimizer_rank``: first node of the optimizer, or None."""
+    """``sep_rank`` / ``sep_backward_rank``: the separator nodes; FORWARD is
+    every rank below sep_rank, LOSS the ranks from it to sep_backward_rank.
+    A joint graph has no loss region: both are its first backward rank.
+    ``optimizer_rank``: first node of the optimizer, or None."""
 
     sep_rank: int
     sep_backward_rank: int
@@ -92,16 +94,19 @@ def _optimizer_start(nodes, targets, after: int) -> int | None:
 
 
 def _joint_boundary(nodes) -> Boundary:
-    regions = {}
-    for node in nodes:
-        backward = node.meta.get("partitioner_tag") == "is_backward" or node.op == "output"
-        regions[node] = Region.BACKWARD if backward else Region.FORWARD
-    computed = [i for i, n in enumerate(nodes) if n.op == "call_function"]
-    forward_ranks = [i for i in computed if regions[nodes[i]] is Region.FORWARD]
-    backward_ranks = [i for i in computed if regions[nodes[i]] is Region.BACKWARD]
-    sep_rank = forward_ranks[-1] + 1 if forward_ranks else 0
-    sep_backward_rank = backward_ranks[0] if backward_ranks else len(nodes) - 1
-    return Boundary(sep_rank, sep_backward_rank, None, MappingProxyType(regions), joint=True)
+    """Forward is every node up to the last one tagged for the forward pass,
+    tangents excepted; the rest is backward. That is where default_partition
+    (torch >= 2.11) cuts the joint graph, so an ACT here is exactly a value it
+    saves for backward."""
+    last_forward = max(rank for rank, node in enumerate(nodes)
+                       if node.op == "placeholder" and not _is_tangent(node)
+                       or node.meta.get("partitioner_tag") in FORWARD_TAGS)
+    regions = {node: Region.FORWARD if rank <= last_forward and not _is_tangent(node) else Region.BACKWARD
+               for rank, node in enumerate(nodes)}
+    # no loss region: both separator ranks sit on the first backward node
+    boundary_rank = last_forward + 1
+    return Boundary(boundary_rank, boundary_rank, None, MappingProxyType(regions), joint=True)
 
 
-
+def _is_tangent(node: fx.Node) -> bool:
+    return node.op == "placeholder" and node.name.startswith("tangents")
