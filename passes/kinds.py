@@ -1,22 +1,22 @@
 """Node-kind pass: what every node's value is (PARAM, BUFFER, INPUT, ACT,
-GRAD, OPT_STATE, OTHER), and which storage each activation owns."""
+GRAD, OPT_STATE, OTHER), and which gradient belongs to which parameter."""
 
 import enum
 import operator
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping
+from typing import Iterator, Mapping
 
+import torch.utils._pytree as pytree
 from torch import fx
 
 from .boundary import SEP_BACKWARD_TARGETS, Boundary, Region, target_name
 from .errors import AnalysisError
 from .hints import GraphHints
-from .storage import StorageMap
+from .storage import FUSED_ADAM_TARGETS, StorageMap
 
-FUSED_ADAM_TARGETS = ("aten._fused_adam.default", "aten._fused_adamw.default",
-                      "aten._fused_adam.tensor_lr", "aten._fused_adamw.tensor_lr")
 FORWARD_REGIONS = (Region.FORWARD, Region.LOSS)
+BATCH_NORM_TARGETS = ("aten.native_batch_norm.default",)
 
 
 class NodeType(enum.Enum):
@@ -31,9 +31,9 @@ class NodeType(enum.Enum):
 
 @dataclass(frozen=True)
 class NodeKinds:
-    """``kinds``: node -> NodeType; ``grads``: param node -> its gradient node
-    (the node that computes the gradient's storage); ``frozen``: parameters
-    without a gradient."""
+    """``kinds``: node -> NodeType; ``grads``: parameter placeholder -> the
+    node that allocated its gradient; ``frozen``: parameters without a
+    gradient (requires_grad=False, or not updated by the optimizer)."""
 
     kinds: Mapping[fx.Node, NodeType]
     grads: Mapping[fx.Node, fx.Node]
@@ -43,23 +43,21 @@ class NodeKinds:
 def classify(nodes: tuple[fx.Node, ...], boundary: Boundary, storages: StorageMap,
              hints: GraphHints | None) -> NodeKinds:
     regions = boundary.regions
-    kinds = {}
     placeholders = [n for n in nodes if n.op == "placeholder"]
-    by_name = {n.name: n for n in placeholders}
     if hints is None or not hints.params:
-        hints = _hints_from_fused_adam(nodes, hints)
-    for node in placeholders:
-        if node.name in hints.params:
-            kinds[node] = NodeType.PARAM
-        elif node.name in hints.buffers:
-            kinds[node] = NodeType.BUFFER
-        elif node.name in hints.opt_states:
-            kinds[node] = NodeType.OPT_STATE
-        else:
-            kinds[node] = NodeType.INPUT
+        if boundary.joint:
+            raise AnalysisError(
+                "a joint graph needs GraphHints naming its parameter placeholders (params=...) "
+                "and num_fwd_outputs: profile through torch.compile(backend='mutwo_profile'), "
+                "which passes them, or build them from the dynamo graph's inputs.")
+        hints = infer_hints(nodes, regions, hints)
+    role = {**dict.fromkeys(hints.opt_states, NodeType.OPT_STATE),
+            **dict.fromkeys(hints.buffers, NodeType.BUFFER), **dict.fromkeys(hints.params, NodeType.PARAM)}
+    kinds = {node: role.get(node.name, NodeType.INPUT) for node in placeholders}
+    params = [n for n in placeholders if kinds[n] is NodeType.PARAM]
 
-    grads = _joint_grads(nodes, by_name, hints, storages) if boundary.joint else \
-        _train_step_grads(nodes, regions, storages, by_name, hints)
+    grads = _joint_grads(nodes, params, hints, storages) if boundary.joint else \
+        _train_step_grads(nodes, boundary, storages, params)
     grad_nodes = set(grads.values())
     for node in nodes:
         if node in kinds:
@@ -71,13 +69,12 @@ def classify(nodes: tuple[fx.Node, ...], boundary: Boundary, storages: StorageMa
             kinds[node] = NodeType.ACT
         else:
             kinds[node] = NodeType.OTHER
-    trainable = [by_name[name] for name in sorted(hints.params - hints.frozen_params)
-                 if name in by_name]
-    frozen = tuple(by_name[name] for name in sorted(hints.frozen_params) if name in by_name)
-    missing = [p.name for p in trainable if p not in grads]
-    if missing and grads:
-        raise AnalysisError(f"no gradient found for trainable parameter placeholder(s) "
-                            f"{', '.join(missing[:5])}: the graph's backward does not reach them.")
+    frozen = tuple(p for p in params if p not in grads)
+    unexpected = [p.name for p in frozen if p.name not in hints.frozen_params]
+    if boundary.joint and unexpected:
+        raise AnalysisError(f"no gradient among the joint outputs for parameter placeholder(s) "
+                            f"{', '.join(unexpected[:5])}: check hints.num_fwd_outputs and that "
+                            "hints.frozen_params names the parameters with requires_grad=False.")
     return NodeKinds(MappingProxyType(kinds), MappingProxyType(grads), frozen)
 
 
@@ -90,58 +87,105 @@ def reads_in_backward(user: fx.Node, regions) -> bool:
             and target_name(user) not in SEP_BACKWARD_TARGETS)
 
 
-def _hints_from_fused_adam(nodes, hints: GraphHints | None) -> GraphHints:
-    """Without hints, read params and state from the fused Adam op's arguments
-    (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps)."""
-    params, states = set(), set()
+def infer_hints(nodes, regions, given: GraphHints | None) -> GraphHints:
+    """Placeholder roles of a train-step graph read from the graph itself:
+    parameters are read in forward and written by the optimizer; optimizer
+    state is written by the optimizer and never read before it; buffers are
+    written in forward (batch-norm running statistics, counters)."""
+    read_in_forward, written = set(), {region: set() for region in Region}
     for node in nodes:
-        if node.op == "call_function" and target_name(node) in FUSED_ADAM_TARGETS:
-            params.update(_placeholder_behind(a).name for a in node.args[0])
-            for group in node.args[2:6]:
-                states.update(_placeholder_behind(a).name for a in group)
-    base = hints or GraphHints()
-    return GraphHints(params=frozenset(params), buffers=base.buffers, opt_states=frozenset(states),
-                      frozen_params=base.frozen_params, num_fwd_outputs=base.num_fwd_outputs,
-                      names=base.names)
+        if node.op != "call_function":
+            continue
+        region = regions[node]
+        if region in FORWARD_REGIONS:
+            read_in_forward.update(a for a in node.all_input_nodes if a.op == "placeholder")
+        written[region].update(p for p in _written_args(node) if p.op == "placeholder")
+    optimizer = written[Region.OPTIMIZER]
+    base = given or GraphHints()
+    return GraphHints(params=frozenset(p.name for p in optimizer & read_in_forward),
+                      buffers=frozenset(p.name for p in written[Region.FORWARD] - optimizer),
+                      opt_states=frozenset(p.name for p in optimizer - read_in_forward),
+                      frozen_params=base.frozen_params, names=base.names)
 
 
-def _placeholder_behind(node: fx.Node) -> fx.Node:
-    while node.op != "placeholder" and node.args and isinstance(node.args[0], fx.Node):
+def _written_args(node: fx.Node) -> Iterator[fx.Node]:
+    """Nodes an op writes into: mutable schema arguments (in-place ops, copy_,
+    foreach lists), native_batch_norm's running statistics (mutated although
+    its schema does not say so) and the fused optimizer's copied-back lists,
+    each followed back through the views the write goes through."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is not None:
+        for index, argument in enumerate(schema.arguments):
+            if argument.alias_info is not None and argument.alias_info.is_write:
+                value = node.args[index] if index < len(node.args) else node.kwargs.get(argument.name)
+                yield from (_alias_root(a) for a in pytree.tree_leaves(value) if isinstance(a, fx.Node))
+    name = target_name(node)
+    if name in BATCH_NORM_TARGETS and len(node.args) > 5 and node.args[5]:
+        yield from (a for a in node.args[3:5] if isinstance(a, fx.Node))
+    if name in FUSED_ADAM_TARGETS:
+        for group in node.args[:6]:
+            yield from (_alias_root(a) for a in group)
+
+
+def _alias_root(node: fx.Node) -> fx.Node:
+    """Back through ops whose result aliases their first argument (views,
+    in-place results) to the node that holds the storage."""
+    while node.op == "call_function" and node.all_input_nodes and _aliases_first_arg(node):
         node = node.args[0]
     return node
 
 
-def _train_step_grads(nodes, regions, storages, by_name, hints) -> dict:
-    """A gradient is a storage made in BACKWARD and read by the optimizer's
-    update of a parameter: the fused op's grads list, or an in-place op on a
-    parameter (foreach Adam, SGD) whose arguments lead back to it."""
-    grads = {}
-    params = {by_name[n] for n in hints.params if n in by_name}
-    for node in nodes:
-        if regions[node] is not Region.OPTIMIZER or node.op != "call_function":
-            continue
-        if target_name(node) in FUSED_ADAM_TARGETS:
-            for param, grad in zip(node.args[0], node.args[1]):
-                grads[_placeholder_behind(param)] = grad_value(grad, storages)
-    if grads or not params:
-        return grads
-    # foreach Adam / SGD: grads are BACKWARD storages the optimizer reads, matched
-    # to parameters by position in the optimizer's first op over all parameters.
-    made_in_backward = {}
-    for node in nodes:
-        if regions[node] is Region.OPTIMIZER and node.op == "call_function":
-            for arg in node.all_input_nodes:
-                if _backward_creator(arg, regions, storages) is not None:
-                    made_in_backward.setdefault(grad_value(arg, storages), None)
-    ordered_params = [n for n in nodes if n in params and n.name not in hints.frozen_params]
-    ordered_grads = list(made_in_backward)
-    if len(ordered_grads) == len(ordered_params):
-        grads = dict(zip(ordered_params, ordered_grads))
-    return grads
+def _aliases_first_arg(node: fx.Node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return (schema is not None and bool(schema.returns) and schema.returns[0].alias_info is not None
+            and isinstance(node.args[0], fx.Node))
+
+
+def _train_step_grads(nodes, boundary: Boundary, storages: StorageMap, params) -> dict:
+    """A gradient is a storage made in BACKWARD that the optimizer reads. The
+    fused Adam op names the pairs; otherwise (foreach, single-tensor, SGD) the
+    optimizer visits parameters and their gradients in the same order, so the
+    k-th parameter it touches pairs with the k-th gradient it reads."""
+    if not params:
+        return {}
+    if boundary.optimizer_rank is None:
+        raise AnalysisError(
+            "the graph has no optimizer step after backward (no 'Optimizer.step' record_function "
+            "marker), so gradients cannot be found: call optimizer.step() in train_step after "
+            "loss.backward().")
+    regions = boundary.regions
+    optimizer_nodes = [n for n in nodes[boundary.optimizer_rank:]
+                       if regions[n] is Region.OPTIMIZER and n.op == "call_function"]
+    fused = {_alias_root(p): grad_value(g, storages) for node in optimizer_nodes
+             if target_name(node) in FUSED_ADAM_TARGETS for p, g in zip(node.args[0], node.args[1])}
+    if fused:
+        return fused
+    wanted = set(params)
+    touched, read = {}, {}
+    for node in optimizer_nodes:
+        for arg in pytree.tree_leaves((node.args, node.kwargs)):
+            if not isinstance(arg, fx.Node):
+                continue
+            if arg in wanted:
+                touched.setdefault(arg, None)
+            elif _made_in_backward(arg, regions, storages):
+                read.setdefault(grad_value(arg, storages), None)
+    if len(touched) != len(read):
+        raise AnalysisError(
+            f"the optimizer updates {len(touched)} parameters but reads {len(read)} gradient "
+            "values made in backward, so they cannot be paired: the supported optimizers are "
+            "Adam/AdamW (fused, foreach, single-tensor) and SGD; gradient transformations "
+            "between backward and optimizer.step() must happen in place.")
+    return dict(zip(touched, read))
+
+
+def _made_in_backward(node: fx.Node, regions, storages: StorageMap) -> bool:
+    refs = storages.refs.get(node, ())
+    return bool(refs) and regions.get(storages.creator[refs[0]]) is Region.BACKWARD
 
 
 def grad_value(node: fx.Node, storages: StorageMap) -> fx.Node:
-    """The node holding the gradient itself: back through detach, views and
+    """The node that allocated the gradient: back through detach, views and
     reshapes that share its storage, stopping at the op (or the getitem of a
     multi-output op such as convolution_backward) that produced it."""
     while (node.op == "call_function" and node.target is not operator.getitem and node.all_input_nodes
@@ -150,24 +194,14 @@ def grad_value(node: fx.Node, storages: StorageMap) -> fx.Node:
     return node
 
 
-def _backward_creator(node: fx.Node, regions, storages: StorageMap) -> fx.Node | None:
-    refs = storages.refs.get(node, ())
-    if not refs:
-        return None
-    creator = storages.creator[refs[0]]
-    return creator if regions.get(creator) is Region.BACKWARD else None
-
-
-def _joint_grads(nodes, by_name, hints, storages) -> dict:
+def _joint_grads(nodes, params, hints: GraphHints, storages: StorageMap) -> dict:
     """Joint outputs after num_fwd_outputs are one gradient per primal, in order."""
     if hints.num_fwd_outputs is None:
         raise AnalysisError("a joint graph needs hints.num_fwd_outputs to find gradients among its "
                             "outputs: pass the partitioner's num_fwd_outputs in GraphHints.")
-    output = nodes[-1]
-    outputs = list(output.args[0])
+    outputs = list(nodes[-1].args[0])
     primals = [n for n in nodes if n.op == "placeholder" and n.name.startswith("primals")]
-    grads = {}
-    for primal, grad in zip(primals, outputs[hints.num_fwd_outputs:]):
-        if primal.name in hints.params and isinstance(grad, fx.Node):
-            grads[primal] = grad_value(grad, storages)
-    return grads
+    wanted = set(params)
+    return {primal: grad_value(grad, storages)
+            for primal, grad in zip(primals, outputs[hints.num_fwd_outputs:])
+            if primal in wanted and isinstance(grad, fx.Node)}
