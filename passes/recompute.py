@@ -7,31 +7,33 @@ from types import MappingProxyType
 from typing import Mapping
 
 import networkx as nx
+import torch
 from torch import fx
 
 from .boundary import target_name
-from .kinds import FORWARD_REGIONS, NodeType
+from .kinds import BATCH_NORM_TARGETS, FORWARD_REGIONS, NodeType
 
 RETAINED = (NodeType.PARAM, NodeType.BUFFER, NodeType.INPUT, NodeType.ACT, NodeType.OPT_STATE)
-RANDOM_MARKERS = ("bernoulli", "dropout", "rand", "normal", "multinomial", "poisson", "exponential")
 COLLECTIVE_MARKERS = ("c10d", "_functional_collectives", "all_reduce", "all_gather", "reduce_scatter")
 
 
 @dataclass(frozen=True)
 class RecomputeInfo:
-    """``nodes`` run in order from ``srcs`` recompute the activation (it is the
-    last of them). ``recompute_count``: how many recomputations of other
-    activations also run it, after update_after_recompute."""
+    """Running ``nodes`` in order from ``srcs`` recomputes the activation (the
+    last node). ``recompute_count``: how many recompute subgraphs run these
+    nodes: the activation's own, plus one per activation that absorbed it in
+    update_after_recompute (μ-TWO's recomp_cnt)."""
 
     srcs: tuple[fx.Node, ...]
     nodes: tuple[fx.Node, ...]
     recomputable: bool
     reason: str | None
-    recompute_count: int = 0
+    recompute_count: int = 1
 
 
 def forward_dependency_graph(nodes, regions) -> nx.DiGraph:
-    """Edges input -> user among forward and loss nodes."""
+    """Edges input -> user among forward and loss nodes, built once for all
+    activations."""
     graph = nx.DiGraph()
     for node in nodes:
         if regions[node] in FORWARD_REGIONS and node.op != "output":
@@ -49,25 +51,26 @@ def recompute_subgraphs(nodes, activations, kinds, regions, rank) -> Mapping[fx.
             for source in graph.predecessors(stack.pop()):
                 if source in inside or source in srcs:
                     continue
-                if kinds[source] in RETAINED or source.op == "placeholder":
+                if kinds[source] in RETAINED:
                     srcs.add(source)
                 else:
                     inside.add(source)
                     stack.append(source)
         ordered = tuple(sorted(inside, key=rank.__getitem__))
-        reason = _unsafe_reason(ordered)
+        reason = unsafe_reason(ordered)
         infos[act] = RecomputeInfo(tuple(sorted(srcs, key=rank.__getitem__)), ordered, reason is None, reason)
     return MappingProxyType(infos)
 
 
-def _unsafe_reason(nodes) -> str | None:
+def unsafe_reason(nodes) -> str | None:
+    """Why running ``nodes`` again would not reproduce the values (or would
+    change state): a random op, a mutation, a collective. None when safe."""
     for node in nodes:
         name = target_name(node)
-        lowered = name.lower()
-        if any(marker in lowered for marker in RANDOM_MARKERS):
+        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
             return f"random op {name} ({node.name}): recomputing draws different numbers"
-        if any(marker in lowered for marker in COLLECTIVE_MARKERS):
-            return f"collective {name} ({node.name})"
+        if any(marker in name for marker in COLLECTIVE_MARKERS):
+            return f"collective {name} ({node.name}): every rank would have to recompute it"
         if _mutates(node):
             return f"mutation {name} ({node.name}): recomputing would apply it twice"
     return None
@@ -79,29 +82,33 @@ def _mutates(node: fx.Node) -> bool:
         return True
     # native_batch_norm updates running_mean / running_var (args 3, 4) in
     # training although its schema does not say so.
-    return (target_name(node).startswith("aten.native_batch_norm.") and len(node.args) > 5
+    return (target_name(node) in BATCH_NORM_TARGETS and len(node.args) > 5
             and bool(node.args[5]) and node.args[3] is not None)
 
 
 def update_after_recompute(recompute: Mapping[fx.Node, RecomputeInfo], chosen: fx.Node,
-                           rank: Mapping[fx.Node, int]) -> dict[fx.Node, RecomputeInfo]:
-    """μ-TWO's update once ``chosen`` is to be recomputed: every activation
-    that used it as a source recomputes from chosen's sources instead, running
-    chosen's nodes too; chosen's recompute_count grows by their number."""
+                           rank: Mapping[fx.Node, int] | None = None) -> dict[fx.Node, RecomputeInfo]:
+    """μ-TWO's update once ``chosen`` is to be recomputed (so no longer kept):
+    every activation that used it as a source recomputes from chosen's sources
+    instead, running chosen's nodes first; chosen's recompute_count grows by
+    the number of such activations. Returns a new mapping.
+
+    Merged ``nodes`` are in a topological order without ``rank``: chosen's
+    nodes depend only on chosen's sources, and none of the absorbing
+    activation's other nodes feeds them (it would be in chosen's subgraph
+    too). With ``rank`` (GraphAnalysis.rank) srcs and nodes are in graph order."""
     picked = recompute[chosen]
     updated = dict(recompute)
     absorbed = 0
     for act, info in recompute.items():
         if act is chosen or chosen not in info.srcs:
             continue
-        srcs = (set(info.srcs) - {chosen}) | set(picked.srcs)
-        nodes = set(info.nodes) | set(picked.nodes)
+        srcs = tuple(dict.fromkeys(s for s in (*info.srcs, *picked.srcs) if s is not chosen))
+        nodes = tuple(dict.fromkeys((*picked.nodes, *info.nodes)))
+        if rank is not None:
+            srcs, nodes = tuple(sorted(srcs, key=rank.__getitem__)), tuple(sorted(nodes, key=rank.__getitem__))
         reason = info.reason or picked.reason
-        updated[act] = replace(info, srcs=tuple(sorted(srcs, key=rank.__getitem__)),
-                               nodes=tuple(sorted(nodes, key=rank.__getitem__)),
-                               recomputable=reason is None, reason=reason)
+        updated[act] = replace(info, srcs=srcs, nodes=nodes, recomputable=reason is None, reason=reason)
         absorbed += 1
     updated[chosen] = replace(picked, recompute_count=picked.recompute_count + absorbed)
     return updated
-
-
