@@ -1,7 +1,8 @@
 """run_pipeline: the passes chained over one fx graph into a GraphAnalysis,
 the single source of truth the interpreter and reports read."""
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
@@ -9,7 +10,7 @@ from torch import fx
 
 from .boundary import Boundary, Region, find_boundary
 from .hints import GraphHints
-from .kinds import NodeKinds, NodeType, classify
+from .kinds import NodeType, classify
 from .liveness import ActivationInfo, activation_liveness
 from .memory import MemorySimulation, rounded, simulate_memory
 from .recompute import RecomputeInfo, recompute_subgraphs
@@ -18,20 +19,26 @@ from .storage import StorageMap, map_storages
 
 @dataclass(frozen=True)
 class GraphAnalysis:
-    """Everything the passes found out about one graph, keyed by fx node."""
+    """Everything the passes found out about one graph, keyed by fx node.
+
+    ``output_bytes``: bytes of the storages a node allocates (0 for views and
+    in-place ops; a multi-output op holds its getitems' bytes). ``storages``
+    says which storage each node's value lives in, so nothing is counted
+    twice. ``pass_seconds``: wall time of each pass, for benchmarks."""
 
     nodes: tuple[fx.Node, ...]
     rank: Mapping[fx.Node, int]
     boundary: Boundary
     regions: Mapping[fx.Node, Region]
     kinds: Mapping[fx.Node, NodeType]
-    grads: Mapping[fx.Node, fx.Node]  # parameter placeholder -> its gradient node
-    frozen_params: tuple[fx.Node, ...]
+    grads: Mapping[fx.Node, fx.Node]  # parameter placeholder -> node allocating its gradient
+    frozen_params: tuple[fx.Node, ...]  # parameters without a gradient
     storages: StorageMap
-    output_bytes: Mapping[fx.Node, int]  # bytes of the storages a node creates
+    output_bytes: Mapping[fx.Node, int]
     activations: Mapping[fx.Node, ActivationInfo]
     recompute: Mapping[fx.Node, RecomputeInfo]
     memory: MemorySimulation
+    pass_seconds: Mapping[str, float] = field(default_factory=dict, compare=False)
 
     @property
     def sep_rank(self) -> int:
@@ -44,16 +51,29 @@ class GraphAnalysis:
 
 def run_pipeline(gm: fx.GraphModule, hints: GraphHints | None = None,
                  allocator_rounding: bool = False) -> GraphAnalysis:
-    """Boundary -> node kinds -> liveness -> recompute -> memory simulation."""
+    """Boundary -> storages -> node kinds -> liveness -> recompute -> memory.
+
+    ``hints`` name the placeholders' roles (required for joint graphs; for
+    train-step graphs they are read from the optimizer when absent).
+    ``allocator_rounding`` rounds every storage up to 512 bytes, as the CUDA
+    caching allocator does."""
+    seconds = {}
+
+    def timed(name, run, *args):
+        start = time.perf_counter()
+        result = run(*args)
+        seconds[name] = time.perf_counter() - start
+        return result
+
     nodes = tuple(gm.graph.nodes)
     rank = MappingProxyType({n: i for i, n in enumerate(nodes)})
-    boundary = find_boundary(nodes)
-    storages = map_storages(nodes)
-    node_kinds: NodeKinds = classify(nodes, boundary, storages, hints)
+    boundary = timed("boundary", find_boundary, nodes)
+    storages = timed("storages", map_storages, nodes)
+    kinds = timed("kinds", classify, nodes, boundary, storages, hints)
     size = lambda key: rounded(storages.nbytes[key], allocator_rounding)  # noqa: E731
-    activations = activation_liveness(nodes, rank, boundary, node_kinds.kinds, storages, size)
-    recompute = recompute_subgraphs(nodes, activations, node_kinds.kinds, boundary.regions, rank)
-    memory = simulate_memory(nodes, rank, node_kinds.kinds, storages, allocator_rounding)
+    activations = timed("liveness", activation_liveness, nodes, rank, boundary, kinds.kinds, storages, size)
+    recompute = timed("recompute", recompute_subgraphs, nodes, activations, kinds.kinds, boundary.regions, rank)
+    memory = timed("memory", simulate_memory, nodes, rank, kinds.kinds, storages, allocator_rounding)
     output_bytes = MappingProxyType({n: sum(size(k) for k in storages.created_by(n)) for n in nodes})
-    return GraphAnalysis(nodes, rank, boundary, boundary.regions, node_kinds.kinds, node_kinds.grads,
-                         node_kinds.frozen, storages, output_bytes, activations, recompute, memory)
+    return GraphAnalysis(nodes, rank, boundary, boundary.regions, kinds.kinds, kinds.grads, kinds.frozen,
+                         storages, output_bytes, activations, recompute, memory, MappingProxyType(seconds))
