@@ -1,217 +1,267 @@
-"""The analysis passes against independent oracles: AOTAutograd's own
-partitioner for the activation set, MemTracker for the memory peak, and
-values worked out by hand for a three-layer MLP."""
-
-import copy
+"""The analysis passes on a hand-written train step, whose every node is
+written below, so each expected rank, source and byte count can be checked
+by reading the code; plus kinds across optimizers and the error messages."""
 
 import pytest
 import torch
-from torch import nn
-from torch._dynamo.backends.common import aot_autograd
-from torch._functorch.aot_autograd import make_boxed_func
-from torch._functorch.partitioners import default_partition
-from torch.distributed._tools.mem_tracker import MemTracker
+from torch import fx, nn
+from torch.fx.experimental.proxy_tensor import make_fx
 
-import mutwo_backend
-from mutwo_backend.models import get_model, zoo_train_step
+import mutwo_backend.separator  # noqa: F401  (defines torch.ops.separator)
+from mutwo_backend import capture_train_step
+from mutwo_backend.models import get_model, train_step
 from passes import (AnalysisError, GraphHints, NodeType, Region, run_pipeline,
                     update_after_recompute)
 
-MODELS = [("bert-tiny", 2), ("resnet18", 2), ("mlp", 8)]
+aten = torch.ops.aten
+SEP, SEP_BACKWARD = torch.ops.separator.sep.default, torch.ops.separator.sep_backward.default
+SHAPES = {"w1": (16, 8), "b1": (16,), "w2": (16, 16), "b2": (16,), "w3": (4, 16), "b3": (4,),
+          "x": (2, 8), "y": (2, 4)}
 
 
-def joint_graph_and_saved(model, inputs):
-    """The joint graph AOTAutograd partitions, hints from dynamo's inputs, and
-    the names of the non-placeholder values default_partition saves."""
-    recorded = {}
-
-    def partition(joint, joint_inputs, *, num_fwd_outputs, **kwargs):
-        forward, backward = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
-        outputs = list(forward.graph.nodes)[-1].args[0]
-        recorded.update(joint=joint, num_fwd_outputs=num_fwd_outputs,
-                        static=set(kwargs.get("static_lifetime_input_indices") or []),
-                        saved={n.name for n in outputs[num_fwd_outputs:] if n.op != "placeholder"})
-        return forward, backward
-
-    def backend(gm, example_inputs):
-        recorded["inputs"] = list(example_inputs)
-        boxed = lambda g, _: make_boxed_func(g.forward)  # noqa: E731
-        return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition)(gm, example_inputs)
-
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend=backend, fullgraph=True)
-    out = compiled(inputs)
-    (out.logits if hasattr(out, "logits") else out).float().sum().backward()
-    joint = recorded["joint"]
-    primals = [n for n in joint.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
-    params = {p.name for p, v in zip(primals, recorded["inputs"]) if isinstance(v, nn.Parameter)}
-    buffers = {p.name for i, (p, v) in enumerate(zip(primals, recorded["inputs"]))
-               if i in recorded["static"] and p.name not in params}
-    hints = GraphHints(params=frozenset(params), buffers=frozenset(buffers),
-                       num_fwd_outputs=recorded["num_fwd_outputs"])
-    return joint, hints, recorded["saved"]
+def mlp_train_step(w1, b1, w2, b2, w3, b3, x, y):
+    """Three linear layers, squared-error loss, backward written out, SGD.
+    One aten call per graph node; ranks in comments."""
+    t1 = aten.t.default(w1)                                              # 8  t
+    a1 = aten.relu.default(aten.addmm.default(b1, x, t1))                # 9  addmm, 10 relu
+    t2 = aten.t.default(w2)                                              # 11 t_1
+    a2 = aten.relu.default(aten.addmm.default(b2, a1, t2))               # 12 addmm_1, 13 relu_1
+    t3 = aten.t.default(w3)                                              # 14 t_2
+    out = SEP(aten.addmm.default(b3, a2, t3))                            # 15 addmm_2, 16 sep
+    diff = aten.sub.Tensor(out, y)                                       # 17 sub
+    loss = aten.sum.default(aten.mul.Tensor(diff, diff))                 # 18 mul, 19 sum_1
+    g = SEP_BACKWARD(aten.mul.Tensor(diff, 2.0))                         # 20 mul_1, 21 sep_backward
+    gw3 = aten.mm.default(aten.t.default(g), a2)                         # 22 t_3, 23 mm
+    gb3 = aten.sum.dim_IntList(g, [0])                                   # 24 sum_2
+    gh2 = aten.threshold_backward.default(aten.mm.default(g, w3), a2, 0)  # 25 mm_1, 26 threshold_backward
+    gw2 = aten.mm.default(aten.t.default(gh2), a1)                       # 27 t_4, 28 mm_2
+    gb2 = aten.sum.dim_IntList(gh2, [0])                                 # 29 sum_3
+    ga1 = aten.mm.default(gh2, aten.t.default(t2))                       # 30 t_5, 31 mm_3
+    gh1 = aten.threshold_backward.default(ga1, a1, 0)                    # 32 threshold_backward_1
+    gw1 = aten.mm.default(aten.t.default(gh1), x)                        # 33 t_6, 34 mm_4
+    gb1 = aten.sum.dim_IntList(gh1, [0])                                 # 35 sum_4
+    with torch.autograd.profiler.record_function("Optimizer.step#SGD.step"):  # 36 enter
+        for p, grad in zip((w1, b1, w2, b2, w3, b3), (gw1, gb1, gw2, gb2, gw3, gb3)):
+            aten.add_.Tensor(p, grad, alpha=-0.1)                        # 37-42 add_ .. add__5
+    return loss                                                          # 43 exit, 44 output
 
 
-def build(name, batch):
-    spec = get_model(name)
-    torch.manual_seed(0)
-    model = spec.build()
-    inputs, targets = spec.make_batch(batch, 16, torch.device("cpu"))
-    return spec, model, inputs, targets
+@pytest.fixture(scope="module")
+def hand():
+    gm = make_fx(mlp_train_step, tracing_mode="fake")(*[torch.randn(s) for s in SHAPES.values()])
+    params = frozenset(f"{name}_1" for name in SHAPES if name[0] in "wb")
+    analysis = run_pipeline(gm, GraphHints(params=params))
+    return gm, analysis, {n.name: n for n in analysis.nodes}
 
 
-@pytest.fixture(scope="module", params=MODELS, ids=[m for m, _ in MODELS])
-def case(request):
-    name, batch = request.param
-    spec, model, inputs, targets = build(name, batch)
-    joint, hints, saved = joint_graph_and_saved(copy.deepcopy(model), inputs)
-    optimizer = torch.optim.Adam(model.parameters(), fused=True)
-    step = mutwo_backend.capture_train_step(zoo_train_step(spec), model, optimizer, inputs, targets)
-    return {"name": name, "model": model, "joint": run_pipeline(joint, hints), "saved": saved,
-            "step": step, "train": run_pipeline(step.gm, step.hints)}
+def test_hand_graph_is_what_the_comments_say(hand):
+    _, analysis, _ = hand
+    assert [n.name for n in analysis.nodes][8:17] == ["t", "addmm", "relu", "t_1", "addmm_1", "relu_1",
+                                                      "t_2", "addmm_2", "sep"]
+    assert analysis.nodes[21].name == "sep_backward" and analysis.nodes[36].name == "_record_function_enter_new"
+    assert len(analysis.nodes) == 45
 
 
-def test_joint_graph_activations_equal_what_the_partitioner_saves(case):
-    acts = {n.name for n in case["joint"].activations}
-    assert case["saved"] and acts == case["saved"]
+def test_regions_and_boundary(hand):
+    _, analysis, _ = hand
+    assert (analysis.sep_rank, analysis.sep_backward_rank, analysis.boundary.optimizer_rank) == (16, 21, 36)
+    expected = [Region.FORWARD] * 16 + [Region.LOSS] * 5 + [Region.BACKWARD] * 15 + [Region.OPTIMIZER] * 9
+    assert [analysis.regions[n] for n in analysis.nodes] == expected
 
 
-def dropout_mask_bytes(analysis) -> int:
-    """Bytes of saved dropout masks: the train-step graph traces eager CPU
-    dropout (bernoulli_ then div_: a float mask), the joint graph AOTAutograd's
-    native_dropout (a bool mask, getitem 1)."""
-    total = 0
-    for node, info in analysis.activations.items():
-        source = node.args[0] if node.args else None
-        if isinstance(source, torch.fx.Node) and "bernoulli" in str(source.target) \
-                or (node.target.__name__ == "getitem" and "native_dropout" in str(node.args[0].target)
-                    and node.args[1] == 1):
-            total += info.memory_bytes
-    return total
+def test_kinds(hand):
+    _, analysis, _ = hand
+    kinds = {n.name: k for n, k in analysis.kinds.items() if k is not NodeType.OTHER}
+    assert kinds == {"w1_1": NodeType.PARAM, "b1_1": NodeType.PARAM, "w2_1": NodeType.PARAM,
+                     "b2_1": NodeType.PARAM, "w3_1": NodeType.PARAM, "b3_1": NodeType.PARAM,
+                     "x_1": NodeType.INPUT, "y_1": NodeType.INPUT,
+                     "relu": NodeType.ACT, "t_1": NodeType.ACT, "relu_1": NodeType.ACT,
+                     "mm_4": NodeType.GRAD, "sum_4": NodeType.GRAD, "mm_2": NodeType.GRAD,
+                     "sum_3": NodeType.GRAD, "mm": NodeType.GRAD, "sum_2": NodeType.GRAD}
+    assert {p.name: g.name for p, g in analysis.grads.items()} == {
+        "w1_1": "mm_4", "b1_1": "sum_4", "w2_1": "mm_2", "b2_1": "sum_3", "w3_1": "mm", "b3_1": "sum_2"}
+    # without hints the roles are read from the graph: read in forward and
+    # written by the optimizer = parameter
+    assert run_pipeline(hand[0]).kinds == analysis.kinds
 
 
-def test_train_step_activation_bytes_match_the_joint_graph(case):
-    """The same storages are kept for backward, whatever node holds them (the
-    train-step graph runs ReLU in place and keeps views such as t and detach
-    that functionalized joint graphs do not, so node counts differ). The one
-    real difference: dropout masks are float in eager CPU dropout and bool in
-    AOTAutograd's native_dropout, 4x the bytes."""
-    joint, train = case["joint"], case["train"]
-    joint_masks, train_masks = dropout_mask_bytes(joint), dropout_mask_bytes(train)
-    assert train_masks == 4 * joint_masks
-    joint_bytes = sum(a.memory_bytes for a in joint.activations.values()) - joint_masks
-    train_bytes = sum(a.memory_bytes for a in train.activations.values()) - train_masks
-    assert train_bytes == pytest.approx(joint_bytes, rel=0.02)
+def test_liveness_ranks_written_out(hand):
+    """creation, last forward read, first and last backward read; t_1 is a
+    view of w2 (t), so it holds no bytes of its own."""
+    _, analysis, _ = hand
+    got = {n.name: (i.creation_rank, i.last_fw_rank, i.first_bw_rank, i.last_bw_rank, i.memory_bytes,
+                    i.base.name if i.base is not None else None) for n, i in analysis.activations.items()}
+    assert got == {"relu": (10, 12, 28, 32, 2 * 16 * 4, None),
+                   "t_1": (11, 12, 30, 30, 0, "w2_1"),
+                   "relu_1": (13, 15, 23, 26, 2 * 16 * 4, None)}
 
 
-def test_liveness_invariant_holds_for_every_activation(case):
-    for analysis in (case["joint"], case["train"]):
-        for node, a in analysis.activations.items():
-            assert a.creation_rank <= a.last_fw_rank < analysis.sep_backward_rank <= a.first_bw_rank <= a.last_bw_rank
-            assert analysis.regions[node] in (Region.FORWARD, Region.LOSS)
-            if analysis.regions[node] is Region.FORWARD:
-                assert a.creation_rank < analysis.sep_rank
+def test_recompute_subgraphs(hand):
+    _, analysis, _ = hand
+    got = {n.name: ([s.name for s in r.srcs], [m.name for m in r.nodes], r.recomputable, r.recompute_count)
+           for n, r in analysis.recompute.items()}
+    assert got == {"relu": (["w1_1", "b1_1", "x_1"], ["t", "addmm", "relu"], True, 1),
+                   "t_1": (["w2_1"], ["t_1"], True, 1),
+                   "relu_1": (["b2_1", "relu", "t_1"], ["addmm_1", "relu_1"], True, 1)}
 
 
-def test_kinds_params_grads_and_adam_state(case):
-    params = [p for p in case["model"].parameters() if p.requires_grad]
-    for analysis in (case["joint"], case["train"]):
-        kinds = list(analysis.kinds.values())
-        assert kinds.count(NodeType.PARAM) == len(params)
-        assert len(analysis.grads) == len(params)
-        assert set(analysis.kinds) == set(analysis.nodes) == set(analysis.regions)
-    train = case["train"]
-    # Adam: exp_avg, exp_avg_sq and step per parameter
-    assert list(train.kinds.values()).count(NodeType.OPT_STATE) == 3 * len(params)
-    grad_bytes = sum(train.output_bytes[g] if g.op != "call_function" or train.output_bytes[g] else
-                     g.meta["val"].untyped_storage().nbytes() for g in train.grads.values())
-    assert grad_bytes == sum(p.numel() * p.element_size() for p in params)
+def test_update_after_recompute(hand):
+    """Choosing relu: relu_1 now recomputes relu first, from relu's sources;
+    then choosing t_1 as well folds t_1's subgraph in too. recompute_count
+    counts the subgraphs that run an activation's nodes (μ-TWO's recomp_cnt)."""
+    _, analysis, by_name = hand
+    once = update_after_recompute(analysis.recompute, by_name["relu"])
+    assert once is not analysis.recompute and analysis.recompute[by_name["relu_1"]].srcs[1] is by_name["relu"]
+    relu_1 = once[by_name["relu_1"]]
+    assert [s.name for s in relu_1.srcs] == ["b2_1", "t_1", "w1_1", "b1_1", "x_1"]
+    assert [n.name for n in relu_1.nodes] == ["t", "addmm", "relu", "addmm_1", "relu_1"]
+    assert once[by_name["relu"]].recompute_count == 2
+    assert once[by_name["t_1"]] == analysis.recompute[by_name["t_1"]]
+    twice = update_after_recompute(once, by_name["t_1"])
+    relu_1 = twice[by_name["relu_1"]]
+    assert set(s.name for s in relu_1.srcs) == {"b2_1", "w2_1", "w1_1", "b1_1", "x_1"}
+    assert [n.name for n in relu_1.nodes] == ["t_1", "t", "addmm", "relu", "addmm_1", "relu_1"]
+    assert twice[by_name["t_1"]].recompute_count == 2 and twice[by_name["relu"]].recompute_count == 2
+    # with the ranks, merged sources and nodes come back in graph order
+    in_order = update_after_recompute(update_after_recompute(analysis.recompute, by_name["relu"], analysis.rank),
+                                      by_name["t_1"], analysis.rank)[by_name["relu_1"]]
+    assert [s.name for s in in_order.srcs] == ["w1_1", "b1_1", "w2_1", "b2_1", "x_1"]
+    assert [n.name for n in in_order.nodes] == ["t", "addmm", "relu", "t_1", "addmm_1", "relu_1"]
 
 
-@pytest.mark.parametrize("name, batch", [("bert-tiny", 2), ("resnet18", 4)])
-def test_simulated_peak_matches_memtracker_on_the_eager_step(name, batch):
-    spec, model, inputs, targets = build(name, batch)
-    optimizer = torch.optim.Adam(model.parameters(), fused=True)
-    step_fn = zoo_train_step(spec)
-    step_fn(model, optimizer, inputs, targets)  # optimizer state exists, as in the captured step
-    tracker = MemTracker()
-    tracker.track_external(model, optimizer, inputs, targets)
-    with tracker:
-        step_fn(model, optimizer, inputs, targets)
-    measured = tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
-    step = mutwo_backend.capture_train_step(step_fn, model, optimizer, inputs, targets)
-    simulated = run_pipeline(step.gm, step.hints).memory.peak_bytes
-    assert simulated == pytest.approx(measured, rel=0.02)
+def test_memory_by_hand(hand):
+    """Bytes worked out from the code above (float32, batch 2):
+    parameters 484 floats = 1936 B and inputs x, y = 96 B stay resident.
+    After addmm_2 (rank 15): relu and relu_1 (128 B each, kept for backward)
+    and addmm_2 (32 B) are live; addmm and addmm_1 died at their relu; the t
+    nodes are views. The peak is sum_4 (rank 35): every gradient (1936 B),
+    the loss (4 B, a graph output) and threshold_backward_1 (128 B)."""
+    _, analysis, _ = hand
+    memory = analysis.memory
+    assert memory.live_bytes[15] == 1936 + 96 + 128 + 128 + 32
+    assert memory.timeline_of(NodeType.ACT)[15] == 256
+    assert (memory.peak_bytes, memory.peak_rank) == (1936 + 96 + 1936 + 4 + 128, 35)
+    assert dict(memory.breakdown_at_peak) == {
+        NodeType.PARAM: 1936, NodeType.BUFFER: 0, NodeType.INPUT: 96, NodeType.ACT: 0,
+        NodeType.GRAD: 1936, NodeType.OPT_STATE: 0, NodeType.OTHER: 132}
+    # the in-place SGD updates allocate nothing; what is left at the end is
+    # the resident inputs, the loss, and the gradients the updates last read
+    assert memory.live_bytes[-1] == 1936 + 96 + 4
+    assert all(analysis.output_bytes[n] == 0 for n in analysis.nodes[36:])
+    assert memory.timeline.sum(axis=0).tolist() == memory.live_bytes.tolist()
+    assert (memory.peak_during_bytes >= memory.live_bytes).all()
 
 
-# --- a three-layer MLP worked out by hand -------------------------------------
+def test_allocator_rounding(hand):
+    """Every storage rounded up to 512 B. At sum_4: 6 parameters (w2 is
+    1024 B), x and y, 6 gradients (mm_2 is 1024 B), the loss and one temporary."""
+    gm, analysis, _ = hand
+    rounded = run_pipeline(gm, GraphHints(params=frozenset(p.name for p in analysis.grads)),
+                           allocator_rounding=True)
+    assert rounded.memory.peak_bytes == 512 * (7 + 2 + 7 + 1 + 1)
+    assert all(b % 512 == 0 for b in rounded.output_bytes.values())
+    assert rounded.activations[next(iter(rounded.activations))].memory_bytes == 512
 
-class ThreeLayerMLP(nn.Module):
-    def __init__(self, dropout=0.0):
+
+class SmallMLP(nn.Module):
+    """Two biases of the same shape, so a wrong parameter/gradient pairing
+    shows in values, not only in shapes."""
+
+    def __init__(self):
         super().__init__()
-        self.fc1, self.fc2, self.fc3 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 4)
-        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 16), nn.Linear(16, 16), nn.Linear(16, 4)
 
     def forward(self, x):
-        return self.fc3(torch.relu(self.fc2(self.dropout(torch.relu(self.fc1(x))))))
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
-def mlp_step(model, optimizer, x, y):
-    loss = nn.functional.cross_entropy(mutwo_backend.sep(model(x)), y)
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return loss
+OPTIMIZERS = {  # name -> (factory, optimizer state tensors per parameter)
+    "adam-fused": (lambda p: torch.optim.Adam(p, fused=True), 3),
+    "adamw-fused-amsgrad": (lambda p: torch.optim.AdamW(p, fused=True, amsgrad=True), 4),
+    "adam-foreach": (lambda p: torch.optim.Adam(p, foreach=True), 3),
+    "adam-single": (lambda p: torch.optim.Adam(p, foreach=False, weight_decay=0.1), 3),
+    "sgd-momentum": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), 1),
+    "sgd-foreach": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True), 1),
+    "sgd-plain": (lambda p: torch.optim.SGD(p, lr=0.1), 0),
+}
 
 
-def mlp_analysis(dropout=0.0):
+class ValueRecorder(fx.Interpreter):
+    def __init__(self, gm, wanted):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, node):
+        result = super().run_node(node)
+        if node in self.wanted:
+            self.values[node] = result.detach().clone()
+        return result
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_kinds_per_optimizer_and_gradient_values(name):
+    """PARAM == GRAD == parameters; OPT_STATE = state tensors per parameter.
+    Parameter groups are given in reverse order, so pairing by placeholder
+    order would be wrong. Oracle for the pairing: the GRAD node's value when
+    the graph runs equals eager autograd's .grad of that parameter."""
+    factory, states_per_param = OPTIMIZERS[name]
+    spec = get_model("mlp")
     torch.manual_seed(0)
-    model = ThreeLayerMLP(dropout)
-    optimizer = torch.optim.Adam(model.parameters(), fused=True)
-    step = mutwo_backend.capture_train_step(mlp_step, model, optimizer, torch.randn(8, 16),
-                                            torch.randint(0, 4, (8,)))
-    return step, run_pipeline(step.gm, step.hints)
+    model, x, y = SmallMLP(), torch.randn(4, 8), torch.randint(0, 4, (4,))
+    optimizer = factory([{"params": [p]} for p in reversed(list(model.parameters()))])
+    step = capture_train_step(lambda m, o, a, b: train_step(m, o, spec, a, b), model, optimizer, x, y)
+    analysis = run_pipeline(step.gm, step.hints)
+    count = {kind: sum(1 for k in analysis.kinds.values() if k is kind) for kind in NodeType}
+    assert count[NodeType.PARAM] == count[NodeType.GRAD] == 6
+    assert count[NodeType.OPT_STATE] == 6 * states_per_param
+    assert len(analysis.kinds) == len(analysis.regions) == len(analysis.nodes)
+    assert run_pipeline(step.gm).kinds == analysis.kinds  # read from the graph, no hints
+
+    eager = SmallMLP()
+    eager.load_state_dict(model.state_dict())
+    spec.loss(eager(x), y).backward()
+    recorder = ValueRecorder(step.gm, set(analysis.grads.values()))
+    step.run(x, y, executor=recorder.run)
+    for param, grad in analysis.grads.items():
+        expected = dict(eager.named_parameters())[step.hints.names[param.name]].grad
+        torch.testing.assert_close(recorder.values[grad].reshape(expected.shape), expected)
 
 
-def test_mlp_liveness_and_recompute_by_hand():
-    """Graph order: 26 placeholders (6 parameters, 18 Adam states, x, y), then
-    t (26), addmm (27), relu (28), ... relu is last read in forward by addmm_1
-    (31) and in backward only by mm_3 (62), fc1's weight gradient; relu_1 by
-    addmm_2 (35) and mm_1 (50)."""
-    step, analysis = mlp_analysis()
-    by_name = {n.name: n for n in analysis.nodes}
-    acts = {n.name: a for n, a in analysis.activations.items()}
-    assert set(acts) == {"relu", "detach", "t_1", "relu_1", "detach_1", "t_2"}
-    relu, relu_1 = acts["relu"], acts["relu_1"]
-    assert (relu.creation_rank, relu.last_fw_rank, relu.first_bw_rank, relu.last_bw_rank) == (28, 31, 62, 62)
-    assert (relu_1.creation_rank, relu_1.last_fw_rank, relu_1.first_bw_rank, relu_1.last_bw_rank) == (32, 35, 50, 50)
-    assert relu.memory_bytes == relu_1.memory_bytes == 8 * 32 * 4
-    assert acts["detach"].memory_bytes == 0 and acts["detach"].base is by_name["relu"]
-    assert acts["t_1"].memory_bytes == 0  # a view of fc2's weight: PARAM bytes
-    names = step.hints.names
-    recompute = analysis.recompute
-    assert [names[n.name] for n in recompute[by_name["relu"]].srcs] == ["fc1.weight", "fc1.bias", "args[0]"]
-    assert [n.name for n in recompute[by_name["relu"]].nodes] == ["t", "addmm", "relu"]
-    assert [n.name for n in recompute[by_name["relu_1"]].srcs] == ["p_in_4", "relu", "t_1"]
-    assert [n.name for n in recompute[by_name["relu_1"]].nodes] == ["addmm_1", "relu_1"]
-    assert all(info.recomputable for info in recompute.values())
-
-    # Choosing relu for recomputation: relu_1 now recomputes from relu's sources.
-    updated = update_after_recompute(recompute, by_name["relu"], analysis.rank)
-    # relu's sources (fc1.weight, fc1.bias, x) replace relu; fc2.bias and t_1 (fc2.weight's view) stay
-    assert [n.name for n in updated[by_name["relu_1"]].srcs] == ["p_in_1", "p_in_2", "p_in_4", "args_1", "t_1"]
-    assert [n.name for n in updated[by_name["relu_1"]].nodes] == ["t", "addmm", "relu", "addmm_1", "relu_1"]
-    assert updated[by_name["relu"]].recompute_count == recompute[by_name["relu"]].recompute_count + 2
-    assert recompute[by_name["relu_1"]].srcs != updated[by_name["relu_1"]].srcs  # the input is not mutated
+def test_frozen_parameters_have_no_gradient():
+    spec = get_model("mlp")
+    model = SmallMLP()
+    model.fc1.requires_grad_(False)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], fused=True)
+    step = capture_train_step(lambda m, o, a, b: train_step(m, o, spec, a, b), model, optimizer,
+                              torch.randn(4, 8), torch.randint(0, 4, (4,)))
+    analysis = run_pipeline(step.gm, step.hints)
+    kinds = list(analysis.kinds.values())
+    assert kinds.count(NodeType.PARAM) == 6 and kinds.count(NodeType.GRAD) == 4
+    assert {step.hints.names[p.name] for p in analysis.frozen_params} == {"fc1.weight", "fc1.bias"}
 
 
-def test_activation_behind_dropout_is_not_recomputable():
-    step, analysis = mlp_analysis(dropout=0.5)
-    unsafe = {n.name: info.reason for n, info in analysis.recompute.items() if not info.recomputable}
-    assert unsafe and all("random op" in reason for reason in unsafe.values())
-
-
-def test_graph_without_boundary_is_a_clear_error():
-    gm = torch.fx.symbolic_trace(nn.Linear(2, 2))
+def test_graph_without_boundary_is_refused():
+    gm = fx.symbolic_trace(SmallMLP())
     with pytest.raises(AnalysisError, match="no torch.ops.separator.sep node"):
+        run_pipeline(gm)
+
+
+def test_train_step_without_optimizer_is_refused():
+    def no_optimizer(w1, b1, w2, b2, w3, b3, x, y):
+        return mlp_train_step(w1, b1, w2, b2, w3, b3, x, y)
+
+    gm = make_fx(no_optimizer, tracing_mode="fake")(*[torch.randn(s) for s in SHAPES.values()])
+    gm.graph.erase_node(next(n for n in gm.graph.nodes if n.name == "_record_function_exit"))
+    for node in [n for n in gm.graph.nodes if n.name.startswith("add_")] + \
+            [next(n for n in gm.graph.nodes if n.name == "_record_function_enter_new")]:
+        gm.graph.erase_node(node)
+    with pytest.raises(AnalysisError, match="no optimizer step"):
+        run_pipeline(gm, GraphHints(params=frozenset({"w1_1"})))
+
+
+def test_graph_without_fake_values_is_refused():
+    gm = make_fx(mlp_train_step, tracing_mode="fake")(*[torch.randn(s) for s in SHAPES.values()])
+    for node in gm.graph.nodes:
+        node.meta.pop("val", None)
+    with pytest.raises(AnalysisError, match="meta\\['val'\\]"):
         run_pipeline(gm)
