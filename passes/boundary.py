@@ -18,6 +18,7 @@ from .errors import AnalysisError
 SEP_TARGETS = ("separator.sep.default",)
 SEP_BACKWARD_TARGETS = ("separator.sep_backward.default",)
 RECORD_FUNCTION_ENTER = "profiler._record_function_enter_new.default"
+SEED_TARGET = "aten.ones_like.default"
 FORWARD_TAGS = ("is_forward", "must_be_in_forward")
 
 
@@ -40,6 +41,14 @@ class Boundary:
     optimizer_rank: int | None
     regions: Mapping[fx.Node, Region]
     joint: bool  # True for an AOTAutograd joint graph
+    # The loss's own backward, traced before sep_backward (LOSS region): from
+    # the autograd seed (ones_like of the loss) on.
+    loss_backward: frozenset[fx.Node] = frozenset()
+    backward_start_rank: int = 0  # first node of loss_backward, else sep_backward_rank
+
+    def runs_backward(self, node: fx.Node) -> bool:
+        """A node of the backward pass: in BACKWARD, or the loss's backward."""
+        return self.regions[node] is Region.BACKWARD or node in self.loss_backward
 
 
 def target_name(node: fx.Node) -> str:
@@ -81,7 +90,18 @@ def _train_step_boundary(nodes, targets, seps) -> Boundary:
             regions[node] = Region.BACKWARD
         else:
             regions[node] = Region.OPTIMIZER
-    return Boundary(sep_rank, sep_backward_rank, optimizer_rank, MappingProxyType(regions), joint=False)
+    loss_backward = _loss_backward(nodes[sep_rank:sep_backward_rank])
+    backward_start = min((r for r in range(sep_rank, sep_backward_rank) if nodes[r] in loss_backward),
+                         default=sep_backward_rank)
+    return Boundary(sep_rank, sep_backward_rank, optimizer_rank, MappingProxyType(regions), joint=False,
+                    loss_backward=loss_backward, backward_start_rank=backward_start)
+
+
+def _loss_backward(loss_nodes) -> frozenset[fx.Node]:
+    """loss.backward() starts by seeding the gradient with ones_like(loss);
+    everything traced from there to sep_backward is the loss's backward."""
+    seeds = [i for i, n in enumerate(loss_nodes) if target_name(n) == SEED_TARGET]
+    return frozenset(loss_nodes[seeds[0]:]) if seeds else frozenset()
 
 
 def _optimizer_start(nodes, targets, after: int) -> int | None:
@@ -105,7 +125,8 @@ def _joint_boundary(nodes) -> Boundary:
                for rank, node in enumerate(nodes)}
     # no loss region: both separator ranks sit on the first backward node
     boundary_rank = last_forward + 1
-    return Boundary(boundary_rank, boundary_rank, None, MappingProxyType(regions), joint=True)
+    return Boundary(boundary_rank, boundary_rank, None, MappingProxyType(regions), joint=True,
+                    backward_start_rank=boundary_rank)
 
 
 def _is_tangent(node: fx.Node) -> bool:

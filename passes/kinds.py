@@ -10,7 +10,7 @@ from typing import Iterator, Mapping
 import torch.utils._pytree as pytree
 from torch import fx
 
-from .boundary import SEP_BACKWARD_TARGETS, Boundary, Region, target_name
+from .boundary import SEED_TARGET, SEP_BACKWARD_TARGETS, Boundary, Region, target_name
 from .errors import AnalysisError
 from .hints import GraphHints
 from .storage import FUSED_ADAM_TARGETS, StorageMap
@@ -64,8 +64,9 @@ def classify(nodes: tuple[fx.Node, ...], boundary: Boundary, storages: StorageMa
             continue
         if node in grad_nodes:
             kinds[node] = NodeType.GRAD
-        elif regions[node] in FORWARD_REGIONS and node.op != "output" and any(
-                reads_in_backward(user, regions) for user in node.users):
+        elif regions[node] in FORWARD_REGIONS and node.op != "output" \
+                and node not in boundary.loss_backward and any(
+                reads_in_backward(user, boundary) for user in node.users):
             kinds[node] = NodeType.ACT
         else:
             kinds[node] = NodeType.OTHER
@@ -78,13 +79,15 @@ def classify(nodes: tuple[fx.Node, ...], boundary: Boundary, storages: StorageMa
     return NodeKinds(MappingProxyType(kinds), MappingProxyType(grads), frozen)
 
 
-def reads_in_backward(user: fx.Node, regions) -> bool:
-    """A backward node that needs the value. Not the graph output (a forward
-    output is returned, not kept for backward) and not sep_backward, which
-    reads the loss's gradient of the model output: a gradient flowing into
-    backward, not an activation kept from forward."""
-    return (regions[user] is Region.BACKWARD and user.op != "output"
-            and target_name(user) not in SEP_BACKWARD_TARGETS)
+def reads_in_backward(user: fx.Node, boundary: Boundary) -> bool:
+    """A backward node that needs the value: in BACKWARD or the loss's own
+    backward (which keeps, e.g., log_softmax's output, as autograd does). Not
+    the graph output (a forward output is returned, not kept for backward)
+    and not sep_backward, which reads the loss's gradient of the model
+    output: a gradient flowing into backward, not an activation; nor the
+    seed ones_like(loss), which reads only the loss's shape."""
+    return (boundary.runs_backward(user) and user.op != "output"
+            and target_name(user) not in SEP_BACKWARD_TARGETS and target_name(user) != SEED_TARGET)
 
 
 def infer_hints(nodes, regions, given: GraphHints | None) -> GraphHints:

@@ -38,8 +38,9 @@ def activation_liveness(nodes, rank: Mapping[fx.Node, int], boundary: Boundary,
         if kinds[node] is not NodeType.ACT:
             continue
         creation = rank[node]
-        fw_reads = [rank[u] for u in node.users if regions[u] in FORWARD_REGIONS]
-        bw_reads = [rank[u] for u in node.users if reads_in_backward(u, regions)]
+        fw_reads = [rank[u] for u in node.users
+                    if regions[u] in FORWARD_REGIONS and not boundary.runs_backward(u)]
+        bw_reads = [rank[u] for u in node.users if reads_in_backward(u, boundary)]
         memory = 0
         for key in storages.refs.get(node, ()):
             creator = storages.creator[key]

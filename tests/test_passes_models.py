@@ -106,8 +106,8 @@ def test_train_step_activations_match_the_joint_graph(case):
 
     Node counts differ further by 0-byte views: the train step's in-place
     relu_ is saved through a detach of its result, the joint graph saves its
-    functional relu directly. The loss is outside the joint graph, and its
-    backward runs inside the train step's LOSS region: no activation there."""
+    functional relu directly. The loss is outside the joint graph: compared
+    here are the FORWARD region's activations."""
     joint, train = case.joint.analysis, case.analysis
     expected = Counter()
     for (target, nbytes), count in storage_acts(joint, (Region.FORWARD,)).items():
@@ -123,20 +123,38 @@ def test_train_step_activations_match_the_joint_graph(case):
     assert sum(b * c for (_, b), c in got.items()) == sum(b * c for (_, b), c in expected.items())
     assert sorted(b for (_, b), c in got.items() for _ in range(c)) == \
         sorted(b for (_, b), c in expected.items() for _ in range(c))
-    assert not [n for n in train.activations if train.regions[n] is Region.LOSS]
+
+
+def test_loss_keeps_what_its_backward_reads(case):
+    """Cross-entropy's backward (traced in the LOSS region, from the seed
+    ones_like(loss) on) reads log_softmax's output: an activation, as autograd
+    saves it; the loss value itself, read only by the seed, is not."""
+    train = case.analysis
+    loss_acts = {n.target.__name__: info for n, info in train.activations.items()
+                 if train.regions[n] is Region.LOSS}
+    log_softmax = loss_acts["_log_softmax.default"]
+    assert log_softmax.memory_bytes == log_softmax.node.meta["val"].untyped_storage().nbytes()
+    assert log_softmax.first_bw_rank < train.sep_backward_rank
+    seed = next(n for n in train.boundary.loss_backward if n.target is torch.ops.aten.ones_like.default)
+    assert seed.args[0] not in train.activations
 
 
 @pytest.mark.parametrize("graph", ["train", "joint"])
 def test_liveness_invariant(case, graph):
-    """creation <= last_fw < sep <= sep_backward <= first_bw <= last_bw, with
-    sep < sep_backward where a loss region exists (train step)."""
+    """creation <= last_fw < backward start <= first_bw <= last_bw, where
+    backward starts at the loss's backward (train step) or the first backward
+    node (joint graph); activations of the model itself (FORWARD) are made
+    before sep and read again no earlier than sep_backward."""
     analysis = case.analysis if graph == "train" else case.joint.analysis
     sep, sep_backward = analysis.sep_rank, analysis.sep_backward_rank
-    assert sep < sep_backward if graph == "train" else sep == sep_backward
+    start = analysis.boundary.backward_start_rank
+    assert sep < start < sep_backward if graph == "train" else sep == start == sep_backward
     assert analysis.activations
-    for info in analysis.activations.values():
-        assert info.creation_rank <= info.last_fw_rank < sep <= sep_backward <= info.first_bw_rank <= info.last_bw_rank
+    for node, info in analysis.activations.items():
+        assert info.creation_rank <= info.last_fw_rank < start <= info.first_bw_rank <= info.last_bw_rank
         assert info.node is analysis.nodes[info.creation_rank]
+        if analysis.regions[node] is Region.FORWARD:
+            assert info.creation_rank < sep and info.first_bw_rank >= sep_backward
 
 
 @pytest.mark.parametrize("graph", ["train", "joint"])
@@ -190,7 +208,8 @@ def test_dropout_and_batch_norm_block_recompute(case):
             r.reason for r in train.values() if r.reason and r.reason.startswith("mutation"))
         assert all(r.recomputable for r in joint.values())
     for info in train.values():
-        assert info.nodes and info.srcs and all(case.analysis.regions[n] is Region.FORWARD for n in info.nodes)
+        assert info.nodes and info.srcs and all(case.analysis.regions[n] in (Region.FORWARD, Region.LOSS)
+                                                for n in info.nodes)
 
 
 def test_resnet152_pipeline_time():
