@@ -20,7 +20,6 @@ import torch
 from .errors import MutwoError
 from .models import MODELS, get_model, zoo_train_step
 from .report import Report, format_bytes
-from .swap import swap_model
 from .timers import TIMERS
 
 log = logging.getLogger("mutwo")
@@ -140,19 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
 # --- progress --------------------------------------------------------------------
 
 class Phases:
-    """Logs the start and end of each phase with its duration and the time
-    elapsed since the command started."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
+    """Logs the start and end of each phase with its duration (every log
+    line starts with the time elapsed since the command started)."""
 
     @contextmanager
     def phase(self, name: str):
         log.info("%s ...", name)
         begin = time.perf_counter()
         yield
-        now = time.perf_counter()
-        log.info("%s done in %.1f s (%.1f s elapsed)", name, now - begin, now - self.start)
+        log.info("%s done in %.1f s", name, time.perf_counter() - begin)
 
     def run(self, name: str, fn, *args, **kwargs):
         with self.phase(name):
@@ -186,28 +181,12 @@ def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: Phases)
 
 
 def _profile_train_step(spec, model, optimizer, inputs, targets, args, phases: Phases) -> Report:
-    """profile_train_step, phase by phase: the same public pieces
-    (capture_train_step, run_pipeline, GraphProfiler) in the same order."""
-    from passes import run_pipeline
+    """profile_train_step logs its own phases (capture, passes, warm-up,
+    measurement, report) to the "mutwo" logger."""
+    from .profiler import profile_train_step
 
-    from .capture import capture_train_step
-    from .profiler import GraphProfiler
-
-    device = inputs.device
-    step = phases.run("capture", capture_train_step, zoo_train_step(spec), model, optimizer, inputs, targets)
-    log.info("captured %d nodes", len(step.gm.graph.nodes))
-    analysis = phases.run("passes", run_pipeline, step.gm, step.hints, allocator_rounding=device.type == "cuda")
-    profiler = phases.run("swap model" if device.type == "cuda" else "setup", GraphProfiler, step.gm, analysis,
-                          device, args.timer, args.swap)
-    with phases.phase(f"warm-up ({args.warmup} iteration{'s' * (args.warmup != 1)})"):
-        for _ in range(args.warmup):
-            step.run(inputs, targets, executor=profiler.run)
-    profiler.reset_stats()
-    with phases.phase(f"measurement ({args.iters} iteration{'s' * (args.iters != 1)})"):
-        for _ in range(args.iters):
-            step.run(inputs, targets, executor=profiler.run)
-    return phases.run("report", profiler.report, {"model": spec.name, "capture": "train-step",
-                                                  "warmup": args.warmup})
+    return profile_train_step(zoo_train_step(spec), model, optimizer, inputs, targets, warmup=args.warmup,
+                              iters=args.iters, timer=args.timer, swap=args.swap, model_name=spec.name)
 
 
 def _profile_compiled(spec, model, optimizer, inputs, targets, args, phases: Phases) -> Report:
