@@ -195,6 +195,9 @@ def _profile_compiled(spec, model, optimizer, inputs, targets, args, phases: Pha
 
     options = {"warmup": args.warmup, "iters": args.iters, "timer": args.timer, "swap": args.swap,
                "optimizer": optimizer}
+    # a fresh dynamo per profile: a sweep compiles one new model per batch
+    # size, which would otherwise reach dynamo's recompile limit
+    torch._dynamo.reset()
     compiled = torch.compile(model, backend="mutwo_profile", options=options, dynamic=False)
 
     def step():
