@@ -117,16 +117,23 @@ def _joint_boundary(nodes) -> Boundary:
     """Forward is every node up to the last one tagged for the forward pass,
     tangents excepted; the rest is backward. That is where default_partition
     (torch >= 2.11) cuts the joint graph, so an ACT here is exactly a value it
-    saves for backward."""
+    saves for backward. Buffer mutations (copy_ into batch norm's running
+    statistics, tagged must_be_in_forward) sit after the backward nodes; they
+    stay FORWARD but do not move the cut."""
     last_forward = max(rank for rank, node in enumerate(nodes)
                        if node.op == "placeholder" and not _is_tangent(node)
-                       or node.meta.get("partitioner_tag") in FORWARD_TAGS)
-    regions = {node: Region.FORWARD if rank <= last_forward and not _is_tangent(node) else Region.BACKWARD
+                       or node.meta.get("partitioner_tag") in FORWARD_TAGS and not _is_mutation_epilogue(node))
+    regions = {node: Region.FORWARD if (rank <= last_forward or _is_mutation_epilogue(node))
+               and not _is_tangent(node) else Region.BACKWARD
                for rank, node in enumerate(nodes)}
     # no loss region: both separator ranks sit on the first backward node
     boundary_rank = last_forward + 1
     return Boundary(boundary_rank, boundary_rank, None, MappingProxyType(regions), joint=True,
                     backward_start_rank=boundary_rank)
+
+
+def _is_mutation_epilogue(node: fx.Node) -> bool:
+    return target_name(node) == "aten.copy_.default" and node.meta.get("partitioner_tag") == "must_be_in_forward"
 
 
 def _is_tangent(node: fx.Node) -> bool:
