@@ -287,7 +287,7 @@ def _combine_graphs(graphs: list["DynamoGraph"], options: BackendOptions) -> Rep
             latest[graph.param_ids or id(graph)] = graph
     measured = sorted(latest.values(), key=lambda g: g.first_run)
     graphs = [g.report.to_dict() for g in measured]
-    main = max(graphs, key=lambda g: g["memory"]["peak_bytes"])
+    main_index, main = max(enumerate(graphs), key=lambda item: item[1]["memory"]["peak_bytes"])
     notes = list(main["meta"].get("notes", []))
     if len(graphs) > 1:
         notes.append(f"the model had {len(graphs) - 1} graph break(s): {len(graphs)} graphs, shown in "
@@ -303,7 +303,8 @@ def _combine_graphs(graphs: list["DynamoGraph"], options: BackendOptions) -> Rep
         memory["breakdown_at_peak"][kind] = memory["breakdown_at_peak"].get(kind, 0) + opt_state_bytes
         length = len(next(iter(memory["timeline"].values()), []))
         memory["timeline"][kind] = [b + opt_state_bytes for b in memory["timeline"].get(kind, [0] * length)]
-    meta = {**main["meta"], "graphs": len(graphs), "graph_breaks": len(graphs) - 1, "notes": notes}
+    meta = {**main["meta"], "graphs": len(graphs), "graph_breaks": len(graphs) - 1, "notes": notes,
+            "memory_graph": main_index}  # the graph whose memory is at the top level
     data = {"schema": SCHEMA, "meta": meta,
             "nodes": [dict(n, graph=i) for i, g in enumerate(graphs) for n in g["nodes"]],
             "activations": [dict(a, graph=i) for i, g in enumerate(graphs) for a in g["activations"]],

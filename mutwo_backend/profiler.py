@@ -128,16 +128,20 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
     with phase("passes"):
         analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
         profiler = GraphProfiler(step.gm, analysis, device, timer, swap)
-    with phase(f"warm-up ({warmup} iterations)"):
+    with phase(f"warm-up ({_iterations(warmup)})"):
         for _ in range(warmup):
             step.run(*args, executor=profiler.run)
     profiler.reset_stats()
-    with phase(f"measurement ({iters} iterations)"):
+    with phase(f"measurement ({_iterations(iters)})"):
         for _ in range(iters):
             step.run(*args, executor=profiler.run)
     with phase("report"):
         return profiler.report({"model": model_name or type(model).__name__, "capture": "train-step",
                                 "warmup": warmup})
+
+
+def _iterations(count: int) -> str:
+    return f"{count} iteration" + ("" if count == 1 else "s")
 
 
 class _PhaseLog:

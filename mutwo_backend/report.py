@@ -82,14 +82,12 @@ def validate(data: dict) -> list[str]:
 
 def memory_graph(data: dict) -> dict:
     """The report whose nodes the top-level ``memory`` timeline is indexed by:
-    the report itself, or for a compile capture with several graphs, the
-    graph with the highest simulated peak (as the backend chooses it)."""
+    the report itself, or for a compile capture with several graphs, the one
+    meta["memory_graph"] names (the graph with the highest simulated peak)."""
     graphs = data.get("graphs")
     if not graphs:
         return data
-    length = len(next(iter(data["memory"]["timeline"].values()), []))
-    same = [g for g in graphs if len(g["nodes"]) == length] or graphs
-    return max(same, key=lambda g: g["memory"]["peak_bytes"])
+    return graphs[data["meta"]["memory_graph"]]
 
 
 class Report:
