@@ -17,6 +17,7 @@ returns the milliseconds of each node. Names are the ones reports record:
 
 import bisect
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -109,7 +110,9 @@ class CuptiTimer:
 
     def finish_iteration(self) -> np.ndarray:
         torch.cuda.synchronize()
-        self._profiler.__exit__(None, None, None)
+        with warnings.catch_warnings():  # a new profile per iteration is intended
+            warnings.filterwarnings("ignore", message="Profiler clears events")
+            self._profiler.__exit__(None, None, None)
         events = self._profiler.profiler.kineto_results.events()
         self._profiler = None
         return self._attribute(events)
