@@ -33,7 +33,6 @@ from .interpreter import IterationRecord, ProfilingInterpreter
 from .profiler import SWAP_MODES, build_report
 from .report import SCHEMA, Report
 from .statistics import Statistics
-from .swap import swap_model
 from .timers import TIMERS, default_timer
 
 log = logging.getLogger("mutwo")
@@ -125,6 +124,12 @@ class ProfileSession:
         self.options = options
         self.options_source = options_source  # the dict given to torch.compile
         self.graphs: list[DynamoGraph] = []
+        self._first_runs = 0
+
+    def next_run_order(self) -> int:
+        """Position of a graph's first run among the session's graphs."""
+        self._first_runs += 1
+        return self._first_runs
 
     def graph_measured(self) -> None:
         """Called when a graph completes a measurement: save the report."""
@@ -135,8 +140,6 @@ class ProfileSession:
 
 class DynamoGraph:
     """One dynamo graph: its joint analysis and its profiled fw/bw graphs."""
-
-    _first_runs = 0
 
     def __init__(self, session: ProfileSession, index: int, example_inputs):
         self.session, self.index = session, index
@@ -221,8 +224,7 @@ class DynamoGraph:
     def _recorded(self, record: IterationRecord, ranks: np.ndarray, forward: bool) -> None:
         if forward:
             if self.first_run is None:
-                DynamoGraph._first_runs += 1
-                self.first_run = DynamoGraph._first_runs
+                self.first_run = self.session.next_run_order()
             self.pending_forward.append((record, ranks))
             return
         forward_record, forward_ranks = self.pending_forward.popleft()

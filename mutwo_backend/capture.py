@@ -13,7 +13,7 @@ import contextlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.optim.adam as adam_module

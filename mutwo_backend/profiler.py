@@ -6,7 +6,6 @@ import contextlib
 import logging
 import time
 
-import numpy as np
 import torch
 from torch import fx
 

@@ -14,7 +14,6 @@ from torch._functorch.partitioners import default_partition
 
 import mutwo_backend
 from mutwo_backend import backend as backend_module
-from mutwo_backend.errors import MutwoError
 from mutwo_backend.models import get_model
 
 

@@ -9,7 +9,7 @@ from torch import nn
 
 import mutwo_backend
 from mutwo_backend import CaptureError, capture_train_step
-from mutwo_backend.models import get_model, train_step, zoo_train_step
+from mutwo_backend.models import get_model, zoo_train_step
 
 OPTIMIZERS = {
     "adam-fused": lambda p: torch.optim.Adam(p, lr=1e-3, fused=True),
