@@ -192,3 +192,23 @@ def test_without_optimizer_the_report_says_state_was_not_seen():
     spec.loss(compiled(inputs), targets).backward()
     notes = mutwo_backend.get_report(compiled).to_dict()["meta"]["notes"]
     assert any("optimizer state was not seen" in n for n in notes)
+
+
+def test_after_keep_profiles_every_iteration_with_bounded_records(monkeypatch):
+    calls = []
+    run_iteration = backend_module.ProfilingInterpreter.run_iteration
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return run_iteration(self, *args, **kwargs)
+
+    monkeypatch.setattr(backend_module.ProfilingInterpreter, "run_iteration", counting)
+    spec = get_model("mlp")
+    model = spec.build()
+    inputs, targets = spec.make_batch(4, 0, torch.device("cpu"))
+    compiled = torch.compile(model, backend="mutwo_profile", options={"warmup": 1, "iters": 2, "after": "keep"})
+    train_loop(compiled, spec, inputs, targets, steps=6)
+    assert len(calls) == 2 * 6  # forward and backward of every iteration
+    assert mutwo_backend.get_report(compiled).to_dict()["meta"]["iters"] == 2
+    session = backend_module._SESSIONS[next(model.parameters())]
+    assert all(len(g.stats.records) <= 2 for g in session.graphs)  # no growth across iterations
