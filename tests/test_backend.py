@@ -142,7 +142,9 @@ def test_unknown_option_lists_valid_ones():
         compiled(torch.randn(1, 2))
 
 
-def test_after_run_stops_instrumenting(monkeypatch):
+@pytest.fixture
+def interpreter_calls(monkeypatch):
+    """A list that grows by one each time a graph runs through the profiling interpreter."""
     calls = []
     run_iteration = backend_module.ProfilingInterpreter.run_iteration
 
@@ -151,6 +153,11 @@ def test_after_run_stops_instrumenting(monkeypatch):
         return run_iteration(self, *args, **kwargs)
 
     monkeypatch.setattr(backend_module.ProfilingInterpreter, "run_iteration", counting)
+    return calls
+
+
+def test_after_run_stops_instrumenting(interpreter_calls):
+    calls = interpreter_calls
     spec = get_model("mlp")
     model = spec.build()
     inputs, targets = spec.make_batch(4, 0, torch.device("cpu"))
@@ -194,15 +201,8 @@ def test_without_optimizer_the_report_says_state_was_not_seen():
     assert any("optimizer state was not seen" in n for n in notes)
 
 
-def test_after_keep_profiles_every_iteration_with_bounded_records(monkeypatch):
-    calls = []
-    run_iteration = backend_module.ProfilingInterpreter.run_iteration
-
-    def counting(self, *args, **kwargs):
-        calls.append(1)
-        return run_iteration(self, *args, **kwargs)
-
-    monkeypatch.setattr(backend_module.ProfilingInterpreter, "run_iteration", counting)
+def test_after_keep_profiles_every_iteration_with_bounded_records(interpreter_calls):
+    calls = interpreter_calls
     spec = get_model("mlp")
     model = spec.build()
     inputs, targets = spec.make_batch(4, 0, torch.device("cpu"))
