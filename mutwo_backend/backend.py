@@ -261,7 +261,10 @@ def _joint_record(count: int, parts) -> IterationRecord:
             for row, values in enumerate((record.allocated_before_bytes, record.allocated_after_bytes,
                                           record.peak_bytes, record.output_bytes)):
                 memory[row, ranks[mask]] = values[mask]
+    (forward, _), (backward, _) = parts
+    outside = {"before_forward": forward.peak_before_bytes, "before_backward": backward.peak_before_bytes}
     joint = IterationRecord(run_time, sum(r.wall_ms for r, _ in parts),
+                            outside_peak_bytes={k: v for k, v in outside.items() if v is not None},
                             swap_out_measured_ms={k: v for r, _ in parts for k, v in r.swap_out_measured_ms.items()},
                             swap_in_measured_ms={k: v for r, _ in parts for k, v in r.swap_in_measured_ms.items()})
     if memory is not None:
@@ -296,6 +299,8 @@ def _combine_graphs(graphs: list["DynamoGraph"], options: BackendOptions) -> Rep
                      "execution order under 'graphs'; top-level memory is the graph with the highest peak")
     opt_state_bytes = _optimizer_state_bytes(options.optimizer)
     memory = copy.deepcopy(main["memory"])
+    if memory["measured_peak_bytes"] is not None:  # the allocator's peak is the step's, in any graph
+        memory["measured_peak_bytes"] = max(g["memory"]["measured_peak_bytes"] for g in graphs)
     if opt_state_bytes is None:
         notes.append("optimizer state was not seen: the optimizer runs outside the compiled graph; "
                       "pass options={'optimizer': opt} to count its state as OPT_STATE")

@@ -32,6 +32,13 @@ class IterationRecord:
     allocated_after_bytes: np.ndarray | None = None
     peak_bytes: np.ndarray | None = None
     output_bytes: np.ndarray | None = None
+    # The allocator's peak between the end of the previous instrumented run
+    # and the start of this one: code outside the graph, such as the eager
+    # loss between torch.compile's forward and backward graphs. None on the CPU.
+    peak_before_bytes: int | None = None
+    # The compile backend's joint records: peak_before_bytes of the forward
+    # and backward graphs, as {"before_forward": B, "before_backward": B}.
+    outside_peak_bytes: dict[str, int] = field(default_factory=dict)
     swap_out_measured_ms: dict[str, float] = field(default_factory=dict)
     swap_in_measured_ms: dict[str, float] = field(default_factory=dict)
 
@@ -71,6 +78,7 @@ class ProfilingInterpreter(fx.Interpreter):
         their last use (AOTAutograd's calling convention)."""
         count = len(self.nodes)
         self._memory = np.zeros((4, count), dtype=np.int64) if self.on_cuda else None
+        peak_before = self._allocator.allocated_and_peak_bytes()[1] if self.on_cuda else None
         start = time.perf_counter()
         self.timer.start_iteration()
         try:
@@ -83,8 +91,9 @@ class ProfilingInterpreter(fx.Interpreter):
             run_time_ms = self.timer.finish_iteration()
         if self.on_cuda:
             torch.cuda.synchronize()
+            self._allocator.reset_peak()  # from here the peak is the next run's peak_before_bytes
         wall_ms = (time.perf_counter() - start) * 1e3
-        record = IterationRecord(run_time_ms, wall_ms)
+        record = IterationRecord(run_time_ms, wall_ms, peak_before_bytes=peak_before)
         if self.on_cuda:
             (record.allocated_before_bytes, record.allocated_after_bytes,
              record.peak_bytes, record.output_bytes) = self._memory

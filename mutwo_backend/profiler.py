@@ -89,6 +89,9 @@ def build_report(analysis: GraphAnalysis, stats: NodeStatistics, *, device: torc
             "simulated_live_bytes": int(memory.live_bytes[rank]),
         })
     notes = list(meta.get("notes", []))
+    graph_peak = int(stats.peak_bytes.max()) if measured else None
+    outside = {where: int(b) for where, b in stats.outside_peak_bytes.items()}
+    notes += _outside_peak_notes(graph_peak, outside)
     if model.estimated:
         notes.append("swap times are estimated (no GPU): a default model of "
                      f"{model.device_to_host.bytes_per_ms / 1e6:.0f} GB/s each way")
@@ -105,11 +108,33 @@ def build_report(analysis: GraphAnalysis, stats: NodeStatistics, *, device: torc
             "peak_bytes": int(memory.peak_bytes), "peak_rank": int(memory.peak_rank),
             "breakdown_at_peak": {k.value: int(v) for k, v in memory.breakdown_at_peak.items()},
             "timeline": {kind.value: [int(b) for b in memory.timeline_of(kind)] for kind in memory.kinds},
-            "measured_peak_bytes": int(stats.peak_bytes.max()) if measured else None,
+            "measured_peak_bytes": max([graph_peak, *outside.values()]) if measured else None,
+            "measured_graph_peak_bytes": graph_peak,
+            "outside_graphs_peak_bytes": outside or None,
             "measured_allocated_after_bytes": ([int(b) for b in stats.allocated_after_bytes]
                                                if measured else None),
         },
     })
+
+
+_OUTSIDE = {
+    "before_backward": "between the forward and backward graphs (eager code such as the loss and its backward)",
+    "before_forward": "between iterations (eager code such as the optimizer step, zero_grad or data loading)",
+}
+
+
+def _outside_peak_notes(graph_peak: int | None, outside: dict[str, int]) -> list[str]:
+    """A note when the allocator peaked outside the compiled graphs, where
+    no node can show what was allocated."""
+    if graph_peak is None or not outside:
+        return []
+    where, peak = max(outside.items(), key=lambda item: item[1])
+    if peak <= graph_peak:
+        return []
+    return [f"the allocator's peak, {peak:,} B, came outside the compiled graphs, {_OUTSIDE[where]}; "
+            f"inside them it reached {graph_peak:,} B. To see that memory node by node, compile the "
+            "loss with the model (one torch.compile'd function) or capture the whole step with "
+            "capture_train_step."]
 
 
 def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, iters: int = 3,
@@ -126,6 +151,8 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
         step = capture_train_step(train_step, model, optimizer, *args)
     with phase("passes"):
         analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
+    with phase("swap calibration"):
+        swap_model(device)  # cached: GraphProfiler finds it done
         profiler = GraphProfiler(step.gm, analysis, device, timer, swap)
     with phase(f"warm-up ({_iterations(warmup)})"):
         for _ in range(warmup):
@@ -135,8 +162,9 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
         for _ in range(iters):
             step.run(*args, executor=profiler.run)
     with phase("report"):
-        return profiler.report({"model": model_name or type(model).__name__, "capture": "train-step",
-                                "warmup": warmup})
+        report = profiler.report({"model": model_name or type(model).__name__, "capture": "train-step",
+                                  "warmup": warmup})
+    return report.add_meta(phase_seconds=phase.seconds)
 
 
 def _iterations(count: int) -> str:
@@ -144,10 +172,12 @@ def _iterations(count: int) -> str:
 
 
 class _PhaseLog:
-    """Logs each phase of a long job with its duration and the time elapsed."""
+    """Logs each phase of a long job with its duration and the time elapsed,
+    and keeps the durations by phase name (without its parenthesised detail)."""
 
     def __init__(self):
         self.start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, name: str):
@@ -155,6 +185,7 @@ class _PhaseLog:
         log.info("%s ...", name)
         yield
         now = time.perf_counter()
+        self.seconds[name.split(" (")[0]] = now - began
         log.info("%s done in %.1f s (%.1f s elapsed)", name, now - began, now - self.start)
 
 

@@ -38,7 +38,9 @@ SCHEMA_FIELDS = {
                     "recompute_nodes": list, "recompute_time_ms": _NUM, "recompute_peak_bytes": _INT,
                     "recompute_ratio": _OPT_NUM, "recomputable": bool},
     "memory": {"peak_bytes": _INT, "peak_rank": _INT, "breakdown_at_peak": dict, "timeline": dict,
-               "measured_peak_bytes": _OPT_INT, "measured_allocated_after_bytes": (list, type(None))},
+               "measured_peak_bytes": _OPT_INT, "measured_graph_peak_bytes": _OPT_INT,
+               "outside_graphs_peak_bytes": (dict, type(None)),
+               "measured_allocated_after_bytes": (list, type(None))},
 }
 
 PLOT_HINT = "matplotlib is not installed: pip install 'mutwo[plot]' gets the plots"

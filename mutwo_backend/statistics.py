@@ -22,6 +22,7 @@ class NodeStatistics:
     allocated_after_bytes: np.ndarray | None
     peak_bytes: np.ndarray | None
     output_bytes: np.ndarray | None
+    outside_peak_bytes: dict[str, float]  # allocator peaks outside the graphs (compile capture)
     swap_out_measured_ms: dict[str, float]
     swap_in_measured_ms: dict[str, float]
 
@@ -61,6 +62,7 @@ class Statistics:
             allocated_before_bytes=median_of("allocated_before_bytes"),
             allocated_after_bytes=median_of("allocated_after_bytes"),
             peak_bytes=median_of("peak_bytes"), output_bytes=median_of("output_bytes"),
+            outside_peak_bytes=median_by_name("outside_peak_bytes"),
             swap_out_measured_ms=median_by_name("swap_out_measured_ms"),
             swap_in_measured_ms=median_by_name("swap_in_measured_ms"))
 

@@ -46,7 +46,17 @@ def mlp_case(seed=0):
 @pytest.fixture(scope="module")
 def mlp_report():
     model, optimizer, x, y = mlp_case()
-    return profile_train_step(mlp_step, model, optimizer, x, y, warmup=1, iters=3).to_dict()
+    start = time.perf_counter()
+    report = profile_train_step(mlp_step, model, optimizer, x, y, warmup=1, iters=3).to_dict()
+    report["test_wall_s"] = time.perf_counter() - start
+    return report
+
+
+def test_phase_seconds_account_for_the_call(mlp_report):
+    phases = mlp_report["meta"]["phase_seconds"]
+    assert list(phases) == ["capture", "passes", "swap calibration", "warm-up", "measurement", "report"]
+    assert all(s >= 0 for s in phases.values())
+    assert 0.9 * mlp_report["test_wall_s"] <= sum(phases.values()) <= mlp_report["test_wall_s"]
 
 
 def test_every_node_has_a_time_and_memory_record(mlp_report):
