@@ -3,8 +3,9 @@
 A copy costs a fixed latency plus bytes over bandwidth, per direction: one
 constant bandwidth is wrong for small tensors (FACTS.md: 1 MiB moves at
 34 GB/s, 1 GiB at 54 GB/s on the H200). On a GPU the model is fitted to
-measured pinned copies from 64 KiB to 1 GiB, once per device and process;
-on the CPU it is a documented default and marked estimated."""
+measured pinned copies from 64 KiB to 256 MiB (bandwidth is flat from about
+4 MiB up), once per device and process; on the CPU it is a documented
+default and marked estimated."""
 
 import functools
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-CALIBRATION_SIZES = tuple(64 * 1024 * 4 ** k for k in range(8))  # 64 KiB .. 1 GiB
+CALIBRATION_SIZES = tuple(64 * 1024 * 4 ** k for k in range(7))  # 64 KiB .. 256 MiB
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,13 @@ def swap_model(device: torch.device) -> SwapModel:
 
 @functools.lru_cache(maxsize=None)
 def _calibrated(device: torch.device) -> SwapModel:
-    sizes, d2h, h2d = [], [], []
-    for nbytes in CALIBRATION_SIZES:
-        on_device = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        on_host = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-        sizes.append(nbytes)
-        d2h.append(median_copy_ms(on_host, on_device))
-        h2d.append(median_copy_ms(on_device, on_host))
-        del on_device, on_host
-    return SwapModel(_fit(sizes, d2h), _fit(sizes, h2d), estimated=False)
+    # One buffer each side, sliced per size: pinning host memory costs more
+    # than the copies themselves.
+    on_device = torch.empty(max(CALIBRATION_SIZES), dtype=torch.uint8, device=device)
+    on_host = torch.empty(max(CALIBRATION_SIZES), dtype=torch.uint8, pin_memory=True)
+    d2h = [median_copy_ms(on_host[:n], on_device[:n]) for n in CALIBRATION_SIZES]
+    h2d = [median_copy_ms(on_device[:n], on_host[:n]) for n in CALIBRATION_SIZES]
+    return SwapModel(_fit(list(CALIBRATION_SIZES), d2h), _fit(list(CALIBRATION_SIZES), h2d), estimated=False)
 
 
 def median_copy_ms(dst: torch.Tensor, src: torch.Tensor, repeats: int = 5) -> float:
