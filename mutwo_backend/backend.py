@@ -3,8 +3,9 @@
 Dynamo hands each captured graph to ``mutwo_profile``; AOTAutograd traces
 the joint forward+backward graph, which ``passes.run_pipeline`` analyses
 (parameters and buffers known from dynamo's inputs), then partitions it with
-its default partitioner. The forward and backward graphs run through the
-profiling interpreter for ``warmup + iters`` training iterations; their nodes
+its default partitioner. The forward and backward graphs run as they are
+for ``warmup`` iterations, then through the profiling interpreter for
+``iters``; their nodes
 keep the joint graph's names, so their times map onto the joint analysis and
 liveness, inactive times and swap points span both. Afterwards the graphs
 run uninstrumented (``after="run"``) or keep being profiled (``"keep"``).
@@ -29,7 +30,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from passes import GraphHints, NodeType, run_pipeline
 
 from .errors import MutwoError
-from .interpreter import IterationRecord, ProfilingInterpreter
+from .interpreter import AllocatorReadings, IterationRecord, ProfilingInterpreter
 from .profiler import SWAP_MODES, build_report
 from .report import SCHEMA, Report
 from .statistics import Statistics
@@ -210,10 +211,19 @@ class DynamoGraph:
         ranks = np.array([self.rank_by_name.get(n.name, -1) if n.op not in ("placeholder", "output") else -1
                           for n in interpreter.nodes])
         fast = _boxed(gm)
+        allocator = AllocatorReadings(self.device) if self.device.type == "cuda" else None
 
         def run(args):
+            if forward and self.first_run is None:
+                self.first_run = self.session.next_run_order()
             if not self.instrumenting:
                 return fast(args)
+            if self.iterations < self.options.warmup:  # first-run costs, paid at full speed
+                out = fast(args)
+                if allocator is not None:  # the measured runs' peak readings start here
+                    allocator.reset_peak()
+                self.iterations += not forward
+                return out
             out, record = interpreter.run_iteration(args, boxed=True)
             self._recorded(record, ranks, forward)
             return out
@@ -223,16 +233,12 @@ class DynamoGraph:
 
     def _recorded(self, record: IterationRecord, ranks: np.ndarray, forward: bool) -> None:
         if forward:
-            if self.first_run is None:
-                self.first_run = self.session.next_run_order()
             self.pending_forward.append((record, ranks))
             return
         forward_record, forward_ranks = self.pending_forward.popleft()
         self.stats.add(_joint_record(len(self.analysis.nodes), [(forward_record, forward_ranks), (record, ranks)]))
         self.iterations += 1
         opts = self.options
-        if self.iterations == opts.warmup:
-            self.stats.reset()
         if self.iterations >= opts.warmup + opts.iters and len(self.stats.records) >= opts.iters:
             self.stats.records = self.stats.records[-opts.iters:]
             self.report = build_report(self.analysis, self.stats.aggregate(), device=self.device,
@@ -253,13 +259,12 @@ def _joint_record(count: int, parts) -> IterationRecord:
     run_time = np.zeros(count)
     memory = None
     if parts[0][0].peak_bytes is not None:
-        memory = np.full((4, count), -1, dtype=np.int64)
+        memory = np.full((3, count), -1, dtype=np.int64)
     for record, ranks in parts:
         mask = ranks >= 0
         run_time[ranks[mask]] += record.run_time_ms[mask]
         if memory is not None:
-            for row, values in enumerate((record.allocated_before_bytes, record.allocated_after_bytes,
-                                          record.peak_bytes, record.output_bytes)):
+            for row, values in enumerate((record.allocated_after_bytes, record.peak_bytes, record.output_bytes)):
                 memory[row, ranks[mask]] = values[mask]
     (forward, _), (backward, _) = parts
     outside = {"before_forward": forward.peak_before_bytes, "before_backward": backward.peak_before_bytes}
@@ -268,11 +273,10 @@ def _joint_record(count: int, parts) -> IterationRecord:
                             swap_out_measured_ms={k: v for r, _ in parts for k, v in r.swap_out_measured_ms.items()},
                             swap_in_measured_ms={k: v for r, _ in parts for k, v in r.swap_in_measured_ms.items()})
     if memory is not None:
-        for row in range(3):
+        for row in range(2):
             memory[row] = _forward_fill(memory[row])
-        memory[3] = np.maximum(memory[3], 0)
-        (joint.allocated_before_bytes, joint.allocated_after_bytes,
-         joint.peak_bytes, joint.output_bytes) = memory
+        memory[2] = np.maximum(memory[2], 0)
+        joint.allocated_after_bytes, joint.peak_bytes, joint.output_bytes = memory
     return joint
 
 

@@ -18,7 +18,6 @@ class NodeStatistics:
     iteration_ms: float  # median of the per-iteration sums of node times
     wall_ms: float  # median wall time of an instrumented iteration
     iterations: int
-    allocated_before_bytes: np.ndarray | None
     allocated_after_bytes: np.ndarray | None
     peak_bytes: np.ndarray | None
     output_bytes: np.ndarray | None
@@ -59,7 +58,6 @@ class Statistics:
             iteration_ms=float(np.median(times.sum(axis=1))),
             wall_ms=float(np.median([r.wall_ms for r in self.records])),
             iterations=len(self.records),
-            allocated_before_bytes=median_of("allocated_before_bytes"),
             allocated_after_bytes=median_of("allocated_after_bytes"),
             peak_bytes=median_of("peak_bytes"), output_bytes=median_of("output_bytes"),
             outside_peak_bytes=median_by_name("outside_peak_bytes"),
