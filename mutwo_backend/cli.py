@@ -13,12 +13,12 @@ import logging
 import os
 import sys
 import time
-from contextlib import contextmanager
 
 import torch
 
 from .errors import MutwoError
 from .models import MODELS, get_model, zoo_train_step
+from .progress import PhaseLog
 from .report import Report, format_bytes
 from .timers import TIMERS
 
@@ -133,24 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --- progress --------------------------------------------------------------------
-
-class Phases:
-    """Logs the start and end of each phase with its duration (every log
-    line starts with the time elapsed since the command started)."""
-
-    @contextmanager
-    def phase(self, name: str):
-        log.info("%s ...", name)
-        begin = time.perf_counter()
-        yield
-        log.info("%s done in %.1f s", name, time.perf_counter() - begin)
-
-    def run(self, name: str, fn, *args, **kwargs):
-        with self.phase(name):
-            return fn(*args, **kwargs)
-
-
 # --- profiling ---------------------------------------------------------------------
 
 def _check_device(device: str) -> torch.device:
@@ -160,7 +142,7 @@ def _check_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: Phases) -> Report:
+def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: PhaseLog) -> Report:
     """Build the zoo model, profile ``args.warmup + args.iters`` iterations
     at ``batch_size`` and return the report (meta completed with what the
     command knows: model, batch size, sequence length, optimizer, seed)."""
@@ -177,7 +159,7 @@ def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: Phases)
                            seed=args.seed)
 
 
-def _profile_train_step(spec, model, optimizer, inputs, targets, args, phases: Phases) -> Report:
+def _profile_train_step(spec, model, optimizer, inputs, targets, args, phases: PhaseLog) -> Report:
     """profile_train_step logs its own phases (capture, passes, warm-up,
     measurement, report) to the "mutwo" logger."""
     from .profiler import profile_train_step
@@ -186,7 +168,7 @@ def _profile_train_step(spec, model, optimizer, inputs, targets, args, phases: P
                               iters=args.iters, timer=args.timer, swap=args.swap, model_name=spec.name)
 
 
-def _profile_compiled(spec, model, optimizer, inputs, targets, args, phases: Phases) -> Report:
+def _profile_compiled(spec, model, optimizer, inputs, targets, args, phases: PhaseLog) -> Report:
     """An ordinary training loop over torch.compile(model, backend="mutwo_profile")."""
     from .backend import get_report
 
@@ -219,7 +201,7 @@ def _profile_compiled(spec, model, optimizer, inputs, targets, args, phases: Pha
 
 
 def profile(args: argparse.Namespace) -> None:
-    phases = Phases()
+    phases = PhaseLog()
     batch_size = args.batch_size or default_batch_size(args.device)
     report = profile_zoo_model(args, batch_size, phases)
     report.print(top=args.top)
@@ -246,7 +228,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def sweep(args: argparse.Namespace) -> None:
-    phases = Phases()
+    phases = PhaseLog()
     device = _check_device(args.device)
     spec = get_model(args.model)
     runs, not_run = [], []

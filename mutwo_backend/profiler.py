@@ -2,9 +2,6 @@
 interpreter and the statistics together; profile_train_step is the one-call
 entry point for a user's train step."""
 
-import contextlib
-import logging
-import time
 
 import torch
 from torch import fx
@@ -15,12 +12,12 @@ from .capture import capture_train_step
 from .errors import MutwoError
 from .interpreter import ProfilingInterpreter
 from .metrics import activation_metrics
+from .progress import PhaseLog
 from .report import SCHEMA, Report
 from .statistics import NodeStatistics, Statistics, format_statistics
 from .swap import swap_model
 from .timers import default_timer
 
-log = logging.getLogger("mutwo")
 SWAP_MODES = ("model", "measure")
 
 
@@ -147,46 +144,28 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
     if iters < 1 or warmup < 0:
         raise MutwoError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
     device = next(model.parameters()).device
-    phase = _PhaseLog()
-    with phase("capture"):
+    phases = PhaseLog()
+    with phases.phase("capture"):
         step = capture_train_step(train_step, model, optimizer, *args)
-    with phase("passes"):
+    with phases.phase("passes"):
         analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
-    with phase("swap calibration"):
+    with phases.phase("swap calibration"):
         swap_model(device)  # cached: GraphProfiler finds it done
         profiler = GraphProfiler(step.gm, analysis, device, timer, swap)
-    with phase(f"warm-up ({_iterations(warmup)})"):
+    with phases.phase(f"warm-up ({_iterations(warmup)})"):
         for _ in range(warmup):  # the graph's own code: nothing to measure, ten times faster
             step.run(*args)
-    with phase(f"measurement ({_iterations(iters)})"):
+    with phases.phase(f"measurement ({_iterations(iters)})"):
         for _ in range(iters):
             step.run(*args, executor=profiler.run)
-    with phase("report"):
+    with phases.phase("report"):
         report = profiler.report({"model": model_name or type(model).__name__, "capture": "train-step",
                                   "warmup": warmup})
-    return report.add_meta(phase_seconds=phase.seconds)
+    return report.add_meta(phase_seconds=phases.seconds)
 
 
 def _iterations(count: int) -> str:
     return f"{count} iteration" + ("" if count == 1 else "s")
-
-
-class _PhaseLog:
-    """Logs each phase of a long job with its duration and the time elapsed,
-    and keeps the durations by phase name (without its parenthesised detail)."""
-
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str):
-        began = time.perf_counter()
-        log.info("%s ...", name)
-        yield
-        now = time.perf_counter()
-        self.seconds[name.split(" (")[0]] = now - began
-        log.info("%s done in %.1f s (%.1f s elapsed)", name, now - began, now - self.start)
 
 
 def _target_name(node: fx.Node) -> str:
