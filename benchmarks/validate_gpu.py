@@ -23,7 +23,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import mutwo_backend
 from mutwo_backend.models import get_model, zoo_train_step
-from mutwo_backend.optimizers import IN_PLACE_TWINS
+from mutwo_backend.optimizers import EAGER_EQUIVALENTS
 from mutwo_backend.profiler import profile_train_step
 from passes import run_pipeline
 
@@ -78,7 +78,7 @@ class RerunInterpreter(fx.Interpreter):
         self.chosen, self.alone_ms = chosen, {}
 
     def call_function(self, target, args, kwargs):
-        return super().call_function(IN_PLACE_TWINS.get(target, target), args, kwargs)
+        return super().call_function(EAGER_EQUIVALENTS.get(target, target), args, kwargs)
 
     def run_node(self, n):
         result = super().run_node(n)

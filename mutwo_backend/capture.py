@@ -26,8 +26,7 @@ from passes.hints import GraphHints
 
 from . import separator  # noqa: F401  (defines torch.ops.separator)
 from .errors import CaptureError
-from .optimizers import (CAPTURE_DECOMPOSITIONS, check_supported, init_state, remove_state,
-                         with_in_place_optimizer)
+from .optimizers import CAPTURE_DECOMPOSITIONS, EagerOptimizer, check_supported, init_state, remove_state
 
 SEP = torch.ops.separator.sep.default
 SEP_BACKWARD = torch.ops.separator.sep_backward.default
@@ -66,7 +65,6 @@ class TrainStepGraph:
         self.buffer_names = buffer_names
         self.state_keys = state_keys
         self.placeholder_roles = placeholder_roles
-        self._runnable = with_in_place_optimizer(gm)
 
     @property
     def hints(self) -> GraphHints:
@@ -95,8 +93,8 @@ class TrainStepGraph:
         """One real training iteration; ``executor`` (default: the graph's own
         code, fused Adam run in place) is called with the graph's inputs, e.g.
         an interpreter."""
-        with torch.no_grad():
-            out, grads = (executor or self._runnable)(*self.graph_inputs(*args))
+        with torch.no_grad(), (contextlib.nullcontext() if executor else EagerOptimizer()):
+            out, grads = (executor or self.gm)(*self.graph_inputs(*args))
         params = dict(self.model.named_parameters())
         for name, grad in zip(self.param_names, grads):
             params[name].grad = grad

@@ -11,7 +11,7 @@ import torch
 from torch import fx
 
 from .errors import MutwoError
-from .optimizers import IN_PLACE_TWINS
+from .optimizers import EAGER_EQUIVALENTS
 from .timers import make_timer
 
 
@@ -102,8 +102,8 @@ class ProfilingInterpreter(fx.Interpreter):
 
     def call_function(self, target, args, kwargs):
         """Functional fused Adam(W) runs as its in-place twin (same values, the
-        eager optimizer's memory and time; see optimizers.IN_PLACE_TWINS)."""
-        return super().call_function(IN_PLACE_TWINS.get(target, target), args, kwargs)
+        eager optimizer's memory and time; see optimizers.EAGER_EQUIVALENTS)."""
+        return super().call_function(EAGER_EQUIVALENTS.get(target, target), args, kwargs)
 
     def run_node(self, n: fx.Node):
         i = self.index[n]

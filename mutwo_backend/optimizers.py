@@ -7,11 +7,9 @@ creates state in its first iteration is not the graph of a steady training
 step.
 """
 
-import copy
-
 import torch
-from torch import fx
 from torch.optim import SGD, Adam, AdamW, Optimizer
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .errors import CaptureError
 
@@ -109,7 +107,10 @@ def _initial_state(optimizer: Optimizer, group: dict, p: torch.Tensor) -> dict:
 
 def _functional_fused(functional_op):
     """Decomposition of an in-place fused Adam(W) op into its functional twin
-    plus copies back into parameters and state (and grads, when unscaled)."""
+    plus one foreach copy back into parameters and state per list (and grads,
+    when unscaled): one node per list instead of one copy_ per tensor, which
+    for ResNet-152's 467 parameters spares 1,400 nodes to trace, analyse and
+    interpret."""
 
     def decomposition(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs):
         new_params, new_grads, new_avgs, new_avg_sqs, new_max = functional_op(
@@ -120,8 +121,8 @@ def _functional_fused(functional_op):
         if kwargs.get("grad_scale") is not None:
             targets.append((grads, new_grads))
         for old_list, new_list in targets:
-            for old, new in zip(old_list, new_list):
-                old.copy_(new)
+            if old_list:
+                torch._foreach_copy_(old_list, new_list)
 
     return decomposition
 
@@ -154,23 +155,32 @@ def _in_place_twin(in_place_op):
     return run_in_place
 
 
-# Running a graph: the functional fused Adam(W) as its in-place twin. The
-# graph copies every output back into the matching input anyway (copy_ of a
-# tensor into itself returns at once), so values are the same while memory
-# and time are the eager optimizer's, not those of a second copy of the
-# parameters and state.
-IN_PLACE_TWINS = {
+def _foreach_copy_unless_same(self, src, non_blocking=False):
+    """``_foreach_copy_`` without the pairs that copy a tensor into itself,
+    which the foreach kernel would read and write in full."""
+    pairs = [(dst, value) for dst, value in zip(self, src) if dst is not value]
+    if pairs:
+        aten._foreach_copy_.default([d for d, _ in pairs], [v for _, v in pairs], non_blocking=non_blocking)
+
+
+# Running a captured graph: the functional fused Adam(W) runs as its in-place
+# twin and the copies back into parameters and state that follow it then
+# copy tensors into themselves, which are skipped. Values are the same, while
+# memory and time are the eager optimizer's, not those of a second copy of
+# the parameters and state.
+EAGER_EQUIVALENTS = {
     aten._fused_adam.default: _in_place_twin(aten._fused_adam_.default),
     aten._fused_adam.tensor_lr: _in_place_twin(aten._fused_adam_.tensor_lr),
     aten._fused_adamw.default: _in_place_twin(aten._fused_adamw_.default),
     aten._fused_adamw.tensor_lr: _in_place_twin(aten._fused_adamw_.tensor_lr),
+    aten._foreach_copy_.default: _foreach_copy_unless_same,
 }
 
 
-def with_in_place_optimizer(gm: fx.GraphModule) -> fx.GraphModule:
-    """A copy of ``gm`` whose fused Adam(W) runs in place (IN_PLACE_TWINS)."""
-    graph = copy.deepcopy(gm.graph)
-    for node in graph.nodes:
-        if node.op == "call_function" and node.target in IN_PLACE_TWINS:
-            node.target = IN_PLACE_TWINS[node.target]
-    return fx.GraphModule(gm, graph)
+class EagerOptimizer(TorchDispatchMode):
+    """Runs a captured graph's own code with EAGER_EQUIVALENTS, at the cost
+    of one Python call per op: cheaper than copying and recompiling a graph
+    of ten thousand nodes."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return EAGER_EQUIVALENTS.get(func, func)(*args, **(kwargs or {}))

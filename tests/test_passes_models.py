@@ -214,7 +214,7 @@ def test_dropout_and_batch_norm_block_recompute(case):
 
 def test_resnet152_pipeline_time():
     """The issue's bound: at most 1.5 s on a 2-core CPU for the whole train
-    step (about 9,100 nodes at batch 1), memory simulation included."""
+    step (about 7,700 nodes at batch 1), memory simulation included."""
     spec = get_model("resnet152")
     model = spec.build()
     inputs, targets = spec.make_batch(1, 0, CPU)
@@ -225,5 +225,5 @@ def test_resnet152_pipeline_time():
         start = time.perf_counter()
         analysis = run_pipeline(step.gm, step.hints)
         seconds.append(time.perf_counter() - start)
-    assert len(analysis.nodes) > 9000 and len(analysis.activations) > 700
+    assert len(analysis.nodes) > 7500 and len(analysis.activations) > 700
     assert min(seconds) <= 1.5, seconds
