@@ -101,8 +101,9 @@ class ProfilingInterpreter(fx.Interpreter):
         return out, record
 
     def call_function(self, target, args, kwargs):
-        """Functional fused Adam(W) runs as its in-place twin (same values, the
-        eager optimizer's memory and time; see optimizers.EAGER_EQUIVALENTS)."""
+        """Optimizer ops run as the eager optimizer does: functional fused
+        Adam(W) in place, copies of a tensor into itself skipped (same values,
+        eager's memory and time; see optimizers.EAGER_EQUIVALENTS)."""
         return super().call_function(EAGER_EQUIVALENTS.get(target, target), args, kwargs)
 
     def run_node(self, n: fx.Node):
