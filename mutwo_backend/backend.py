@@ -31,7 +31,7 @@ from passes import GraphHints, NodeType, run_pipeline
 
 from .errors import MutwoError
 from .interpreter import AllocatorReadings, IterationRecord, ProfilingInterpreter
-from .profiler import SWAP_MODES, build_report
+from .profiler import SWAP_MODES, build_report, check_iterations, swap_points
 from .report import SCHEMA, Report
 from .statistics import Statistics
 from .timers import TIMERS, default_timer
@@ -61,9 +61,7 @@ class BackendOptions:
             raise MutwoError(f"unknown mutwo_profile option(s) {', '.join(map(repr, unknown))}: "
                              f"valid options are {', '.join(valid)}")
         parsed = cls(**options)
-        if parsed.iters < 1 or parsed.warmup < 0:
-            raise MutwoError(f"need iters >= 1 and warmup >= 0, got iters={parsed.iters}, "
-                             f"warmup={parsed.warmup}")
+        check_iterations(parsed.warmup, parsed.iters)
         for name, value, allowed in (("after", parsed.after, AFTER_MODES), ("swap", parsed.swap, SWAP_MODES),
                                      ("timer", parsed.timer, (None, *TIMERS))):
             if value not in allowed:
@@ -197,15 +195,9 @@ class DynamoGraph:
                           frozen_params=frozenset(frozen), num_fwd_outputs=num_fwd_outputs)
 
     def _runner(self, gm: fx.GraphModule, forward: bool):
-        names = {n.name for n in gm.graph.nodes}
-        swap_out, swap_in = {}, {}
-        for node, info in self.analysis.activations.items():
-            last_fw, first_bw = self.analysis.nodes[info.last_fw_rank].name, self.analysis.nodes[info.first_bw_rank].name
-            if forward and last_fw in names and node.name in names:
-                swap_out.setdefault(last_fw, []).append(node.name)
-            if not forward and first_bw in names and node.name in names:
-                swap_in.setdefault(first_bw, []).append(node.name)
-        interpreter = ProfilingInterpreter(gm, self.device, self.timer, swap_out, swap_in,
+        swap_out, swap_in = swap_points(self.analysis, {n.name for n in gm.graph.nodes})
+        interpreter = ProfilingInterpreter(gm, self.device, self.timer, swap_out if forward else {},
+                                           {} if forward else swap_in,
                                            measure_swaps=self.options.swap == "measure")
         # joint rank of each interpreted node that computes something
         ranks = np.array([self.rank_by_name.get(n.name, -1) if n.op not in ("placeholder", "output") else -1
@@ -332,12 +324,12 @@ def _optimizer_state_bytes(optimizer) -> int | None:
 
 
 def _boxed(gm: fx.GraphModule):
-    """The graph's own generated code, taking one list that it empties, so
-    inputs are freed at their last use as AOTAutograd expects."""
-    boxed = fx.GraphModule(gm, copy.deepcopy(gm.graph))
-    boxed.graph.set_codegen(fx.graph._BoxedCodeGen())
-    boxed.recompile()
-    return boxed
+    """``gm`` recompiled to take one list that its code empties, so inputs are
+    freed at their last use as AOTAutograd expects. Its graph stays as it
+    is, so the profiling interpreter runs the same nodes."""
+    gm.graph.set_codegen(fx.graph._BoxedCodeGen())
+    gm.recompile()
+    return gm
 
 
 def _device_of(example_inputs) -> torch.device:

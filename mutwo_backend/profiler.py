@@ -34,10 +34,7 @@ class GraphProfiler:
         self.gm, self.analysis, self.device, self.swap = gm, analysis, device, swap
         self.timer = timer or default_timer(device)
         swap_model(device)  # calibrate copies before the first profiled iteration (cached)
-        swap_out_after, swap_in_before = {}, {}
-        for node, info in analysis.activations.items():
-            swap_out_after.setdefault(analysis.nodes[info.last_fw_rank].name, []).append(node.name)
-            swap_in_before.setdefault(analysis.nodes[info.first_bw_rank].name, []).append(node.name)
+        swap_out_after, swap_in_before = swap_points(analysis)
         self.interpreter = ProfilingInterpreter(gm, device, self.timer, swap_out_after, swap_in_before,
                                                 measure_swaps=swap == "measure")
         self.stats = Statistics()
@@ -60,6 +57,25 @@ class GraphProfiler:
     def report(self, meta: dict) -> Report:
         return build_report(self.analysis, self.aggregate_stats(), device=self.device,
                             timer=self.timer, swap=self.swap, meta=meta)
+
+
+def check_iterations(warmup: int, iters: int) -> None:
+    if iters < 1 or warmup < 0:
+        raise MutwoError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+
+
+def swap_points(analysis: GraphAnalysis, names: set[str] | None = None) -> tuple[dict, dict]:
+    """Where the interpreter copies activations: ``({node name: activations
+    last accessed in forward there}, {node name: activations first accessed in
+    backward there})``. With ``names`` (the nodes of one of several graphs),
+    only points where both the node and the activation are among them."""
+    swap_out_after, swap_in_before = {}, {}
+    for node, info in analysis.activations.items():
+        for points, rank in ((swap_out_after, info.last_fw_rank), (swap_in_before, info.first_bw_rank)):
+            at = analysis.nodes[rank].name
+            if names is None or (at in names and node.name in names):
+                points.setdefault(at, []).append(node.name)
+    return swap_out_after, swap_in_before
 
 
 def build_report(analysis: GraphAnalysis, stats: NodeStatistics, *, device: torch.device,
@@ -141,16 +157,14 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
     kernel loading, allocator growth), then ``iters`` through the profiling
     interpreter, and return the Report of those. The model and optimizer are
     trained by all of them exactly as eager training would train them."""
-    if iters < 1 or warmup < 0:
-        raise MutwoError(f"need iters >= 1 and warmup >= 0, got iters={iters}, warmup={warmup}")
+    check_iterations(warmup, iters)
     device = next(model.parameters()).device
     phases = PhaseLog()
     with phases.phase("capture"):
         step = capture_train_step(train_step, model, optimizer, *args)
     with phases.phase("passes"):
         analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
-    with phases.phase("swap calibration"):
-        swap_model(device)  # cached: GraphProfiler finds it done
+    with phases.phase("swap calibration"):  # most of GraphProfiler's set-up
         profiler = GraphProfiler(step.gm, analysis, device, timer, swap)
     with phases.phase(f"warm-up ({_iterations(warmup)})"):
         for _ in range(warmup):  # the graph's own code: nothing to measure, ten times faster
