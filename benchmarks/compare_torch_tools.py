@@ -237,13 +237,13 @@ def cpu_peak_estimate(s: Setup) -> int:
 
 # --- the tools, one function each -------------------------------------------------
 
-def ground_truth(case: Case, timed_steps: int = 5) -> dict:
-    """Eager step after a warm-up: allocator peak, wall time, kernel time, sizes."""
-    device = case.device
-    s = fresh(case)
-    s.step()  # warm-up: creates optimizer state, picks kernels
+def measure_step(s: Setup, device: torch.device, warmup_steps: int, timed_steps: int = 5) -> dict:
+    """After ``warmup_steps``: the allocator's peak of one step, the median
+    wall time of ``timed_steps`` and the kernel time of one."""
+    for _ in range(warmup_steps):
+        s.step()
     sync(device)
-    result = tensor_sizes(s, device)
+    result = {}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         result["allocated_before_step_bytes"] = torch.cuda.memory_allocated(device)
@@ -266,37 +266,25 @@ def ground_truth(case: Case, timed_steps: int = 5) -> dict:
     return result
 
 
-def ground_truth_compiled(case: Case, timed_steps: int = 5) -> dict:
+def ground_truth(case: Case) -> dict:
+    """Eager step after a warm-up (it creates the optimizer state and picks
+    kernels): allocator peak, wall time, kernel time, tensor sizes."""
+    s = fresh(case)
+    s.step()
+    return {**tensor_sizes(s, case.device), **measure_step(s, case.device, warmup_steps=0)}
+
+
+def ground_truth_compiled(case: Case) -> dict:
     """The step mutwo_compile profiles, run by PyTorch alone: the model
     compiled with aot_eager_default_partitioner (AOTAutograd, default
-    partition, graphs run as they are), loss and optimizer eager."""
-    device = case.device
+    partition, graphs run as they are), loss and optimizer eager. Two
+    warm-up steps: compilation, then the optimizer state."""
     torch._dynamo.reset()
     s = fresh(case)
     compiled = torch.compile(s.model, backend="aot_eager_default_partitioner")
-    step = lambda: s.step_fn(compiled, s.optimizer, s.inputs, s.targets)  # noqa: E731
     try:
-        for _ in range(2):  # compiles, then creates the optimizer state
-            step()
-        sync(device)
-        result = {}
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-            step()
-            sync(device)
-            result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
-        else:
-            result["peak_bytes"] = cpu_peak_estimate(Setup(s.spec, compiled, s.optimizer, s.inputs, s.targets,
-                                                           s.step_fn))
-        step_ms = []
-        for _ in range(timed_steps):
-            start = time.perf_counter()
-            step()
-            sync(device)
-            step_ms.append((time.perf_counter() - start) * 1e3)
-        result["step_ms"] = statistics.median(step_ms)
-        result["kernel_time_ms"] = kernel_time_ms(step, device)
-        return result
+        return measure_step(Setup(s.spec, compiled, s.optimizer, s.inputs, s.targets, s.step_fn),
+                            case.device, warmup_steps=2)
     finally:
         torch._dynamo.reset()
 
