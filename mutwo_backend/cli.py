@@ -142,13 +142,18 @@ def _check_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _seq_len(args: argparse.Namespace, spec) -> int | None:
+    """--seq-len or the model's default; None for models without one."""
+    return (args.seq_len or spec.default_seq_len) if spec.default_seq_len else None
+
+
 def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: PhaseLog) -> Report:
     """Build the zoo model, profile ``args.warmup + args.iters`` iterations
     at ``batch_size`` and return the report (meta completed with what the
     command knows: model, batch size, sequence length, optimizer, seed)."""
     spec = get_model(args.model)
     device = _check_device(args.device)
-    seq_len = (args.seq_len or spec.default_seq_len) if spec.default_seq_len else None
+    seq_len = _seq_len(args, spec)
     torch.manual_seed(args.seed)
     model = phases.run(f"building {spec.name}", lambda: spec.build().to(device))
     optimizer = OPTIMIZERS[args.optimizer](model.parameters())
@@ -264,7 +269,7 @@ def sweep(args: argparse.Namespace) -> None:
     result = {"schema": SWEEP_SCHEMA,
               "meta": {"model": spec.name, "device": str(device), "device_name": _device_name(device),
                        "torch_version": torch.__version__, "capture": args.capture, "optimizer": args.optimizer,
-                       "seq_len": (args.seq_len or spec.default_seq_len) if spec.default_seq_len else None,
+                       "seq_len": _seq_len(args, spec),
                        "warmup": args.warmup, "iters": args.iters, "swap": args.swap, "seed": args.seed,
                        "batch_sizes": args.batch_sizes, "not_run": not_run, "notes": []},
               "runs": runs}

@@ -157,12 +157,18 @@ def interpreter_calls(monkeypatch):
     return calls
 
 
-def test_after_run_stops_instrumenting(interpreter_calls):
-    calls = interpreter_calls
+def compiled_mlp(after: str):
+    """The zoo MLP compiled with 1 warm-up and 2 measured iterations."""
     spec = get_model("mlp")
     model = spec.build()
     inputs, targets = spec.make_batch(4, 0, torch.device("cpu"))
-    compiled = torch.compile(model, backend="mutwo_profile", options={"warmup": 1, "iters": 2, "after": "run"})
+    compiled = torch.compile(model, backend="mutwo_profile", options={"warmup": 1, "iters": 2, "after": after})
+    return spec, model, compiled, inputs, targets
+
+
+def test_after_run_stops_instrumenting(interpreter_calls):
+    calls = interpreter_calls
+    spec, model, compiled, inputs, targets = compiled_mlp("run")
     train_loop(compiled, spec, inputs, targets, steps=3)
     assert len(calls) == 2 * 2  # forward + backward of the measured iterations; warm-up runs plain
     assert mutwo_backend.get_report(compiled).to_dict()["meta"]["iters"] == 2
@@ -205,10 +211,7 @@ def test_without_optimizer_the_report_says_state_was_not_seen():
 
 def test_after_keep_profiles_every_iteration_with_bounded_records(interpreter_calls):
     calls = interpreter_calls
-    spec = get_model("mlp")
-    model = spec.build()
-    inputs, targets = spec.make_batch(4, 0, torch.device("cpu"))
-    compiled = torch.compile(model, backend="mutwo_profile", options={"warmup": 1, "iters": 2, "after": "keep"})
+    spec, model, compiled, inputs, targets = compiled_mlp("keep")
     train_loop(compiled, spec, inputs, targets, steps=6)
     assert len(calls) == 2 * 5  # forward and backward of every iteration after the warm-up
     assert mutwo_backend.get_report(compiled).to_dict()["meta"]["iters"] == 2
