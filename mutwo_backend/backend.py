@@ -34,6 +34,7 @@ from .interpreter import AllocatorReadings, IterationRecord, ProfilingInterprete
 from .profiler import SWAP_MODES, build_report, check_iterations, swap_points
 from .report import SCHEMA, Report
 from .statistics import Statistics
+from .swap import prepare_calibration
 from .timers import TIMERS, default_timer
 
 log = logging.getLogger("mutwo")
@@ -78,6 +79,7 @@ _SESSIONS = WeakIdKeyDictionary()
 def mutwo_profile(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Backend entry point (registered as "mutwo_profile")."""
     opts = BackendOptions.parse(options)
+    prepare_calibration(_device_of(example_inputs))  # for build_report, after the measurement
     session = _session_for(example_inputs, options, opts)
     graph = DynamoGraph(session, len(session.graphs), example_inputs)
     session.graphs.append(graph)

@@ -15,7 +15,7 @@ from .metrics import activation_metrics
 from .progress import PhaseLog
 from .report import SCHEMA, Report
 from .statistics import NodeStatistics, Statistics, format_statistics
-from .swap import swap_model
+from .swap import prepare_calibration, swap_model
 from .timers import default_timer
 
 SWAP_MODES = ("model", "measure")
@@ -160,6 +160,7 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
     check_iterations(warmup, iters)
     device = next(model.parameters()).device
     phases = PhaseLog()
+    prepare_calibration(device)
     with phases.phase("capture"):
         step = capture_train_step(train_step, model, optimizer, *args)
     with phases.phase("passes"):

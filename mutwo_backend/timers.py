@@ -21,7 +21,8 @@ import warnings
 
 import numpy as np
 import torch
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch._C._profiler import _RecordFunctionFast
+from torch.profiler import ProfilerActivity, profile
 
 from .errors import MutwoError
 
@@ -85,7 +86,9 @@ class CudaEventTimer:
 class CuptiTimer:
     """GPU activity durations from torch.profiler, attributed to nodes.
 
-    Each node runs inside ``record_function("mutwo#<i>")``. A GPU event links
+    Each node runs inside a "mutwo#<i>" range (``_RecordFunctionFast``, the
+    C++ range torch.compile's generated code uses: 1.3 us a node on the
+    H200's host against 7.2 us for ``record_function``). A GPU event links
     (``linked_correlation_id``) to the CPU op that launched it; the launching
     op's start time falls inside exactly one node's range."""
 
@@ -93,6 +96,7 @@ class CuptiTimer:
 
     def __init__(self, node_count: int):
         self._node_count = node_count
+        self._names = [f"{self._PREFIX}{i}" for i in range(node_count)]
         self._profiler = None
         self._range = None
         self.unattributed_ms = 0.0
@@ -102,7 +106,7 @@ class CuptiTimer:
         self._profiler.__enter__()
 
     def before(self, i: int):
-        self._range = record_function(f"{self._PREFIX}{i}")
+        self._range = _RecordFunctionFast(self._names[i])
         self._range.__enter__()
 
     def after(self, i: int):

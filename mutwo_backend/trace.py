@@ -44,7 +44,7 @@ def chrome_trace(data: dict) -> dict:
 
 def write_trace(data: dict, path: str) -> None:
     with open(path, "w") as f:
-        json.dump(chrome_trace(data), f)
+        f.write(json.dumps(chrome_trace(data)))  # json.dump writes piece by piece, 3x slower
 
 
 def _metadata(pid: int, name: str) -> list[dict]:
