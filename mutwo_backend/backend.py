@@ -17,6 +17,7 @@ the model.
 
 import copy
 import logging
+import weakref
 from collections import deque
 from dataclasses import dataclass, fields
 
@@ -71,9 +72,11 @@ class BackendOptions:
         return parsed
 
 
-# The backend registry's only state: a compiled model's session, weakly keyed
-# by the parameters dynamo passes in, so it dies with the model.
+# The backend's state: a compiled model's session, weakly keyed by the
+# parameters dynamo passes in, so it dies with the model; and the session
+# that compiled last, which graphs without parameters join.
 _SESSIONS = WeakIdKeyDictionary()
+_LATEST_SESSION: "weakref.ref[ProfileSession] | None" = None
 
 
 def mutwo_profile(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
@@ -105,16 +108,22 @@ def get_report(compiled_model) -> Report | None:
 def _session_for(example_inputs, options: dict | None, parsed: BackendOptions) -> "ProfileSession":
     """The session of the compiled model these inputs belong to: found through
     a parameter it already saw, or through the options object of the same
-    torch.compile call (a graph after a graph break has other parameters)."""
+    torch.compile call (a graph after a graph break has other parameters).
+    A graph without parameters and without options (code after a graph
+    break, a loss inside the model) belongs to the model compiled last."""
+    global _LATEST_SESSION
     keys = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
     session = next((_SESSIONS[k] for k in keys if k in _SESSIONS), None)
     if session is None and options is not None:
         session = next((s for s in _SESSIONS.values() if s.options_source is options), None)
+    if session is None and not keys and options is None and _LATEST_SESSION is not None:
+        session = _LATEST_SESSION()
     if session is None:
         session = ProfileSession(parsed, options)
     session.options = parsed
     for key in keys:
         _SESSIONS[key] = session
+    _LATEST_SESSION = weakref.ref(session)
     return session
 
 

@@ -44,12 +44,12 @@ def classify(nodes: tuple[fx.Node, ...], boundary: Boundary, storages: StorageMa
              hints: GraphHints | None) -> NodeKinds:
     regions = boundary.regions
     placeholders = [n for n in nodes if n.op == "placeholder"]
-    if hints is None or not hints.params:
-        if boundary.joint:
-            raise AnalysisError(
-                "a joint graph needs GraphHints naming its parameter placeholders (params=...) "
-                "and num_fwd_outputs: profile through torch.compile(backend='mutwo_profile'), "
-                "which passes them, or build them from the dynamo graph's inputs.")
+    if boundary.joint and (hints is None or hints.num_fwd_outputs is None):
+        raise AnalysisError(
+            "a joint graph needs GraphHints naming its parameter placeholders (params=...) "
+            "and num_fwd_outputs: profile through torch.compile(backend='mutwo_profile'), "
+            "which passes them, or build them from the dynamo graph's inputs.")
+    if not boundary.joint and (hints is None or not hints.params):
         hints = infer_hints(nodes, regions, hints)
     role = {**dict.fromkeys(hints.opt_states, NodeType.OPT_STATE),
             **dict.fromkeys(hints.buffers, NodeType.BUFFER), **dict.fromkeys(hints.params, NodeType.PARAM)}

@@ -137,6 +137,41 @@ def test_graph_break_gives_two_graphs_in_execution_order():
     assert any("graph break" in note for note in report["meta"]["notes"])
 
 
+class ParameterFreeAfterBreak(nn.Module):
+    """The graph after the break has no parameter, as HF GPT-2's loss with
+    labels= or code after a print."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 8)
+
+    def forward(self, x):
+        x = self.a(x)
+        torch._dynamo.graph_break()
+        return torch.tanh(x * 2.0)  # tanh saves its output for backward
+
+
+@pytest.mark.parametrize("options", [None, {"warmup": 1, "iters": 3}])
+def test_graph_without_parameters_is_profiled_and_training_equals_eager(options):
+    torch.manual_seed(0)
+    model = ParameterFreeAfterBreak()
+    eager = copy.deepcopy(model)
+    x = torch.randn(3, 4)
+    compiled = torch.compile(model, backend="mutwo_profile", options=options)
+    for module in (compiled, eager):
+        optimizer = torch.optim.Adam(module.parameters())
+        for _ in range(4):  # the default warm-up and measured iterations
+            module(x).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
+    first, second = mutwo_backend.get_report(compiled).to_dict()["graphs"]
+    assert any(n["kind"] == "PARAM" for n in first["nodes"])
+    assert not any(n["kind"] in ("PARAM", "GRAD") for n in second["nodes"])
+    assert [a["memory_bytes"] for a in second["activations"]] == [3 * 8 * 4]  # tanh's output
+
+
 def test_unknown_option_lists_valid_ones():
     compiled = torch.compile(nn.Linear(2, 2), backend="mutwo_profile", options={"warmpu": 1})
     with pytest.raises(Exception, match="unknown mutwo_profile option.*'warmpu'.*valid options are warmup, iters"):
