@@ -49,13 +49,19 @@ class ProfilingInterpreter(fx.Interpreter):
     access it is; ``swap_in_before`` maps a node name to the activations whose
     first backward access it is. With ``measure_swaps`` (CUDA only) those
     activations are really copied to pinned host memory and back on a side
-    stream; the copies are timed and never used, so results do not change."""
+    stream; the copies are timed and never used, so results do not change.
+
+    Values are freed after their last use, except those named in
+    ``keep_until_end`` (a train step's gradients: eager keeps them in .grad
+    until zero_grad, after the optimizer step)."""
 
     def __init__(self, gm: fx.GraphModule, device: torch.device, timer: str,
                  swap_out_after: Mapping[str, Sequence[str]] = None,
                  swap_in_before: Mapping[str, Sequence[str]] = None,
-                 measure_swaps: bool = False):
+                 measure_swaps: bool = False, keep_until_end: frozenset[str] = frozenset()):
         super().__init__(gm, garbage_collect_values=True)
+        for user, freed in self.user_to_last_uses.items():
+            freed[:] = [n for n in freed if n.name not in keep_until_end]
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.by_name = {n.name: n for n in self.nodes}

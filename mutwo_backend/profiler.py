@@ -6,7 +6,7 @@ entry point for a user's train step."""
 import torch
 from torch import fx
 
-from passes import GraphAnalysis, run_pipeline
+from passes import GraphAnalysis, NodeType, run_pipeline
 
 from .capture import capture_train_step
 from .errors import MutwoError
@@ -35,8 +35,9 @@ class GraphProfiler:
         self.timer = timer or default_timer(device)
         swap_model(device)  # calibrate copies before the first profiled iteration (cached)
         swap_out_after, swap_in_before = swap_points(analysis)
+        grads = frozenset(n.name for n, kind in analysis.kinds.items() if kind is NodeType.GRAD)
         self.interpreter = ProfilingInterpreter(gm, device, self.timer, swap_out_after, swap_in_before,
-                                                measure_swaps=swap == "measure")
+                                                measure_swaps=swap == "measure", keep_until_end=grads)
         self.stats = Statistics()
 
     def run(self, *graph_inputs):

@@ -2,7 +2,9 @@
 
 Each storage is allocated by the node that creates it and freed after the
 last node that refers to it or reads a value referring to it; graph inputs
-stay resident for the whole iteration, graph outputs to its end; in-place
+stay resident for the whole iteration, graph outputs and gradients to its
+end (eager keeps a gradient in .grad until zero_grad, after the optimizer
+step: a graph would free it at its last read, inside the optimizer); in-place
 ops and views allocate nothing. Optionally sizes are rounded up to 512
 bytes, as the CUDA caching allocator does."""
 
@@ -85,8 +87,9 @@ def simulate_memory(nodes, rank, kinds, storages: StorageMap, allocator_rounding
         k = kind_index[kind_of[key]]
         nbytes = rounded(storages.nbytes[key], allocator_rounding)
         resident = creator.op == "placeholder"
+        to_end = resident or kind_of[key] is NodeType.GRAD or last_use[key] >= output_rank
         allocated[k, 0 if resident else rank[creator]] += nbytes
-        freed[k, count if resident or last_use[key] >= output_rank else last_use[key]] += nbytes
+        freed[k, count if to_end else last_use[key]] += nbytes
     held = np.cumsum(allocated, axis=1)[:, :count]
     freed_through = np.cumsum(freed, axis=1)[:, :count]
     during = held - freed_through + freed[:, :count]  # frees at rank r happen after node r

@@ -16,7 +16,7 @@ from mutwo_backend.errors import MutwoError
 from mutwo_backend.interpreter import NodeExecutionError
 from mutwo_backend.models import get_model, zoo_train_step
 from mutwo_backend.profiler import GraphProfiler, profile_train_step
-from passes import Region, run_pipeline
+from passes import NodeType, Region, run_pipeline
 from mutwo_backend.swap import DEFAULT_CPU_MODEL, CopyCost, _fit
 
 
@@ -211,3 +211,61 @@ def test_interpreter_holds_no_values_after_a_run():
     with torch.no_grad():
         loss, _ = interp.run_iteration(*step.graph_inputs(x, y))[0]
     assert loss.isfinite() and interp.env == {}
+
+
+def test_gradients_stay_alive_to_the_end_as_eager_keeps_them_in_grad():
+    """SGD reads each gradient once, in the middle of its update; eager keeps
+    it in .grad until zero_grad, so the interpreter must hold it to the end
+    (else its measured peak is under eager's) while freeing other values."""
+    model, _, x, y = mlp_case()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = mutwo_backend.capture_train_step(mlp_step, model, optimizer, x, y)
+    analysis = run_pipeline(step.gm, step.hints)
+    profiler = GraphProfiler(step.gm, analysis, torch.device("cpu"))
+    interp = profiler.interpreter
+    alive_at_output, run_node = set(), interp.run_node
+
+    def watching_run_node(node):
+        if node.op == "output":
+            alive_at_output.update(interp.env)
+        return run_node(node)
+
+    interp.run_node = watching_run_node
+    step.run(x, y, executor=profiler.run)
+    grads = {n for n, kind in analysis.kinds.items() if kind is NodeType.GRAD}
+    activations = set(analysis.activations)
+    assert len(grads) == 6 and grads <= alive_at_output
+    assert activations and not activations & alive_at_output
+
+
+OPTIMIZERS = {
+    "sgd-momentum": lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+    "adamw-single-tensor": lambda p: torch.optim.AdamW(p, foreach=False),
+    "adam-fused": lambda p: torch.optim.Adam(p, fused=True),
+}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the allocator's peak needs a CUDA GPU")
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_measured_peak_equals_the_eager_steps_on_cuda(optimizer):
+    """Wide layers and a small batch put the peak in the optimizer step, where
+    eager holds every gradient in .grad."""
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 2048), nn.ReLU(),
+                          nn.Linear(2048, 10))
+    eager = copy.deepcopy(model).to(device)  # one model on the GPU at a time
+    x, y = torch.randn(16, 2048, device=device), torch.randint(0, 10, (16,), device=device)
+    eager_optimizer = OPTIMIZERS[optimizer](eager.parameters())
+    mlp_step(eager, eager_optimizer, x, y)  # the optimizer state, as profile_train_step creates it
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    mlp_step(eager, eager_optimizer, x, y)
+    torch.cuda.synchronize()
+    eager_peak = torch.cuda.max_memory_allocated()
+    del eager, eager_optimizer
+    model.to(device)
+    report = profile_train_step(mlp_step, model, OPTIMIZERS[optimizer](model.parameters()), x, y,
+                                warmup=1, iters=1).to_dict()
+    measured = report["memory"]["measured_peak_bytes"]
+    assert abs(measured - eager_peak) <= 0.01 * eager_peak, (measured, eager_peak)
