@@ -32,13 +32,16 @@ def activation_liveness(nodes, rank: Mapping[fx.Node, int], boundary: Boundary,
                         kinds: Mapping[fx.Node, NodeType], storages: StorageMap,
                         storage_bytes) -> Mapping[fx.Node, ActivationInfo]:
     regions = boundary.regions
+    # A joint graph's buffer mutations (batch norm's running statistics) rank
+    # after its backward nodes but run at the end of the forward graph.
+    forward_end = boundary.sep_rank - 1 if boundary.joint else len(nodes)
     owned = set()
     infos = {}
     for node in nodes:
         if kinds[node] is not NodeType.ACT:
             continue
         creation = rank[node]
-        fw_reads = [rank[u] for u in node.users
+        fw_reads = [min(rank[u], forward_end) for u in node.users
                     if regions[u] in FORWARD_REGIONS and not boundary.runs_backward(u)]
         bw_reads = [rank[u] for u in node.users if reads_in_backward(u, boundary)]
         memory = 0

@@ -50,7 +50,9 @@ class Joint:
             return forward, backward
 
         boxed = lambda g, _: make_boxed_func(g)  # noqa: E731
-        return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition)(gm, example_inputs)
+        # buffer mutations stay in the graph (copy_ after the backward nodes), as in mutwo's backend
+        return aot_autograd(fw_compiler=boxed, bw_compiler=boxed, partition_fn=partition,
+                            keep_inference_input_mutations=True)(gm, example_inputs)
 
 
 class Case:
