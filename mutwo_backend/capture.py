@@ -93,8 +93,13 @@ class TrainStepGraph:
         """One real training iteration; ``executor`` (default: the graph's own
         code, fused Adam run in place) is called with the graph's inputs, e.g.
         an interpreter."""
-        with torch.no_grad(), (contextlib.nullcontext() if executor else EagerOptimizer()):
-            out, grads = (executor or self.gm)(*self.graph_inputs(*args))
+        # Detached inputs, not no_grad: the graph's ops then build no autograd
+        # graph and may update parameters in place, and kernels that behave
+        # differently under no_grad (CPU LSTM keeps no workspace for its
+        # backward) run as in training.
+        inputs = pytree.tree_map_only(torch.Tensor, torch.Tensor.detach, self.graph_inputs(*args))
+        with contextlib.nullcontext() if executor else EagerOptimizer():
+            out, grads = (executor or self.gm)(*inputs)
         params = dict(self.model.named_parameters())
         for name, grad in zip(self.param_names, grads):
             params[name].grad = grad

@@ -42,6 +42,24 @@ def small_cnn_case():
     return SmallCNN(), batch, spec
 
 
+class LSTMClassifier(nn.Module):
+    """A two-layer LSTM: on the CPU its kernel keeps a workspace for backward
+    only with grad mode on, so the graph must not run under no_grad."""
+
+    def __init__(self):
+        super().__init__()
+        self.embedding = nn.Embedding(20, 16)
+        self.lstm = nn.LSTM(16, 16, num_layers=2, batch_first=True)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, ids):
+        return self.head(self.lstm(self.embedding(ids))[0][:, -1])
+
+
+def lstm_case():
+    return LSTMClassifier(), (torch.randint(0, 20, (4, 6)), torch.randint(0, 10, (4,))), get_model("mlp")
+
+
 def zoo_case(name, batch_size, seq_len=16):
     spec = get_model(name)
     return spec.build(), spec.make_batch(batch_size, seq_len, torch.device("cpu")), spec
@@ -50,6 +68,7 @@ def zoo_case(name, batch_size, seq_len=16):
 CASES = {
     "mlp": lambda: zoo_case("mlp", 8),
     "small-cnn": small_cnn_case,
+    "lstm": lstm_case,
     "resnet18": lambda: zoo_case("resnet18", 2),
     "bert-tiny": lambda: zoo_case("bert-tiny", 2),
 }
