@@ -95,6 +95,10 @@ def get_report(compiled_model) -> Report | None:
     """The Report of the last completed measurement of a model compiled with
     backend="mutwo_profile", or None before one completes."""
     module = getattr(compiled_model, "_orig_mod", compiled_model)
+    if not isinstance(module, torch.nn.Module):
+        raise MutwoError(f"get_report takes the compiled model (or the model itself), not a "
+                         f"{type(module).__name__}: for a compiled function, pass the model it "
+                         "calls, get_report(model).")
     sessions = {}
     for tensor in [*module.parameters(), *module.buffers()]:
         if tensor in _SESSIONS:

@@ -10,6 +10,8 @@ would need more memory than the eager step it describes.
 
 import torch
 
+from .errors import CaptureError
+
 NAMESPACE = "separator"
 _SCHEMAS = {
     "sep": "sep(Tensor(a) x) -> Tensor(a)",
@@ -60,4 +62,8 @@ class SEPFunction(torch.autograd.Function):
 
 def sep(x: torch.Tensor) -> torch.Tensor:
     """Mark ``x`` (the model output) as the end of the forward pass."""
+    if not isinstance(x, torch.Tensor):
+        raise CaptureError(
+            f"mutwo_backend.sep takes the model's output tensor, not a {type(x).__name__}: pass the "
+            "tensor the loss is computed from, e.g. sep(out.logits), sep(out['logits']) or sep(out[0]).")
     return SEPFunction.apply(x)

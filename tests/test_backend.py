@@ -172,6 +172,12 @@ def test_graph_without_parameters_is_profiled_and_training_equals_eager(options)
     assert [a["memory_bytes"] for a in second["activations"]] == [3 * 8 * 4]  # tanh's output
 
 
+def test_get_report_of_a_compiled_function_names_the_fix():
+    compiled_function = torch.compile(lambda x: x * 2, backend="mutwo_profile")
+    with pytest.raises(mutwo_backend.MutwoError, match=r"pass the model it calls, get_report\(model\)"):
+        mutwo_backend.get_report(compiled_function)
+
+
 def test_unknown_option_lists_valid_ones():
     compiled = torch.compile(nn.Linear(2, 2), backend="mutwo_profile", options={"warmpu": 1})
     with pytest.raises(Exception, match="unknown mutwo_profile option.*'warmpu'.*valid options are warmup, iters"):

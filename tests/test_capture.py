@@ -219,6 +219,12 @@ def reads_a_value(model, optimizer, x, y):
     optimizer.step()
 
 
+def sep_on_a_dict(model, optimizer, x, y):
+    out = mutwo_backend.sep({"logits": model(x)})  # as with a model that returns a dict
+    nn.functional.cross_entropy(out["logits"], y).backward()
+    optimizer.step()
+
+
 def snapshot(model, optimizer):
     return (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
             [list(g["params"]) for g in optimizer.param_groups], dict(optimizer.state))
@@ -238,6 +244,7 @@ def assert_unchanged(before, model, optimizer):
     (no_optimizer_step, "never called optimizer.step()"),
     (loss_ignores_sep, "does not depend on the output of mutwo_backend.sep"),
     (reads_a_value, "must not read tensor values"),
+    (sep_on_a_dict, "not a dict: pass the tensor the loss is computed from, e.g. sep(out.logits)"),
 ])
 def test_bad_train_step_raises_and_leaves_model_unchanged(bad_step, message):
     model, (inputs, targets), _ = zoo_case("mlp", 4)
