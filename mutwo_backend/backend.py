@@ -297,7 +297,7 @@ def _forward_fill(values: np.ndarray) -> np.ndarray:
 def _combine_graphs(graphs: list["DynamoGraph"], options: BackendOptions) -> Report:
     """One report for all measured graphs of a compiled model, in the order
     they first ran."""
-    latest = {}  # a recompilation (new shapes) replaces the graph of the same parameters
+    all_graphs, latest = graphs, {}  # a recompilation (new shapes) replaces the graph of the same parameters
     for graph in graphs:
         if graph.report is not None:
             latest[graph.param_ids or id(graph)] = graph
@@ -308,6 +308,7 @@ def _combine_graphs(graphs: list["DynamoGraph"], options: BackendOptions) -> Rep
     if len(graphs) > 1:
         notes.append(f"the model had {len(graphs) - 1} graph break(s): {len(graphs)} graphs, shown in "
                      "execution order under 'graphs'; top-level memory is the graph with the highest peak")
+    notes += _unmeasured_note(all_graphs, latest, options)
     opt_state_bytes = _optimizer_state_bytes(options.optimizer)
     memory = copy.deepcopy(main["memory"])
     if memory["measured_peak_bytes"] is not None:  # the allocator's peak is the step's, in any graph
@@ -329,6 +330,26 @@ def _combine_graphs(graphs: list["DynamoGraph"], options: BackendOptions) -> Rep
             "memory": memory, "graphs": graphs}
     meta["iteration_time_ms"] = sum(g["meta"]["iteration_time_ms"] for g in graphs)
     return Report(data)
+
+
+def _unmeasured_note(graphs: list["DynamoGraph"], measured: dict, options: BackendOptions) -> list[str]:
+    """A note for graphs that ran but are in no report, so that a missing
+    part of the model is never silent."""
+    waiting = {}
+    for graph in graphs:
+        key = graph.param_ids or id(graph)
+        if key not in measured:
+            waiting.setdefault(key, []).append(graph)
+    if not waiting:
+        return []
+    compiles = max(len(versions) for versions in waiting.values())
+    runs = options.warmup + options.iters
+    why = (f"one was compiled {compiles} times: dynamo recompiles when a Python value read from a "
+           "tensor (such as .item()) becomes a constant of the next graph; set "
+           "torch._dynamo.config.capture_scalar_outputs = True or move the read out of the model"
+           if compiles > 1 else "run more training steps")
+    return [f"{len(waiting)} more graph(s) of this model ran but are not in the report: a graph is "
+            f"measured after {runs} runs (warmup + iters) of one compilation, and {why}"]
 
 
 def _optimizer_state_bytes(optimizer) -> int | None:

@@ -178,6 +178,29 @@ def test_get_report_of_a_compiled_function_names_the_fix():
         mutwo_backend.get_report(compiled_function)
 
 
+class ReadsAValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        scale = h.mean().item()  # a graph break; the value is a constant of the next graph
+        return self.b(h) * (1.0 + 0.0 * scale)
+
+
+def test_a_graph_recompiled_every_step_is_named_in_a_note():
+    model = ReadsAValue()
+    compiled = torch.compile(model, backend="mutwo_profile", options={"warmup": 1, "iters": 2})
+    for _ in range(4):  # another value each step: the graph after the break is compiled anew
+        compiled(torch.randn(3, 4)).sum().backward()
+    report = mutwo_backend.get_report(compiled).to_dict()
+    assert report["meta"]["graphs"] == 1
+    assert any("1 more graph(s) of this model ran but are not in the report" in note
+               and "times: dynamo recompiles" in note and "capture_scalar_outputs" in note
+               for note in report["meta"]["notes"]), report["meta"]["notes"]
+
+
 def test_unknown_option_lists_valid_ones():
     compiled = torch.compile(nn.Linear(2, 2), backend="mutwo_profile", options={"warmpu": 1})
     with pytest.raises(Exception, match="unknown mutwo_profile option.*'warmpu'.*valid options are warmup, iters"):
