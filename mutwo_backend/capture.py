@@ -26,6 +26,7 @@ from passes.hints import GraphHints
 
 from . import separator  # noqa: F401  (defines torch.ops.separator)
 from .errors import CaptureError
+from .lifetimes import EagerLifetimes
 from .optimizers import CAPTURE_DECOMPOSITIONS, EagerOptimizer, check_supported, init_state, remove_state
 
 SEP = torch.ops.separator.sep.default
@@ -57,7 +58,8 @@ class TrainStepGraph:
 
     def __init__(self, gm: fx.GraphModule, model: nn.Module, optimizer: torch.optim.Optimizer,
                  param_names: list[str], buffer_names: list[str],
-                 state_keys: dict[str, list[str]], placeholder_roles: dict[str, InputRole]):
+                 state_keys: dict[str, list[str]], placeholder_roles: dict[str, InputRole],
+                 freed_after: dict[str, str]):
         self.gm = gm
         self.model = model
         self.optimizer = optimizer
@@ -65,6 +67,8 @@ class TrainStepGraph:
         self.buffer_names = buffer_names
         self.state_keys = state_keys
         self.placeholder_roles = placeholder_roles
+        # node name -> the node after which eager drops its last reference (lifetimes.py)
+        self.freed_after = freed_after
 
     @property
     def hints(self) -> GraphHints:
@@ -75,7 +79,8 @@ class TrainStepGraph:
             params=by_kind("param"), buffers=by_kind("buffer"), opt_states=by_kind("opt_state"),
             frozen_params=frozenset(n for n, r in self.placeholder_roles.items()
                                     if r.kind == "param" and r.name in frozen),
-            names=MappingProxyType({n: r.name for n, r in self.placeholder_roles.items()}))
+            names=MappingProxyType({n: r.name for n, r in self.placeholder_roles.items()}),
+            freed_after=MappingProxyType(self.freed_after))
 
     def graph_inputs(self, *args) -> tuple:
         """The real tensors the graph takes, in the structure it was traced with."""
@@ -149,10 +154,11 @@ def _trace(train_step, model, optimizer, params, buffers, example_args) -> Train
                   for p, s in optimizer.state.items() if id(p) in name_of}
     states = {n: {k: optimizer.state[params[n]][k] for k in keys} for n, keys in state_keys.items()}
     watch = _StepWatch(optimizer)
+    lifetimes = EagerLifetimes()
 
     def traced_step(p_in, b_in, s_in, args):
         with _reparametrize_module(model, {**p_in, **b_in}, tie_weights=True), \
-                _optimizer_on(optimizer, name_of, p_in, s_in), watch:
+                _optimizer_on(optimizer, name_of, p_in, s_in), watch, lifetimes:
             out = train_step(model, optimizer, *args)
             grads = [p.grad for p in p_in.values()]
         return out, grads
@@ -174,7 +180,8 @@ def _trace(train_step, model, optimizer, params, buffers, example_args) -> Train
     roles = _InputRoles(params, buffers, states, example_args)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return TrainStepGraph(gm, model, optimizer, list(params), list(buffers), state_keys,
-                          {n.name: role for n, role in zip(placeholders, roles.flat)})
+                          {n.name: role for n, role in zip(placeholders, roles.flat)},
+                          lifetimes.freed_after(gm.graph.output_node()))
 
 
 class _InputRoles:

@@ -51,20 +51,19 @@ class ProfilingInterpreter(fx.Interpreter):
     activations are really copied to pinned host memory and back on a side
     stream; the copies are timed and never used, so results do not change.
 
-    Values are freed after their last use, except those named in
-    ``keep_until_end`` (a train step's gradients: eager keeps them in .grad
-    until zero_grad, after the optimizer step)."""
+    Values are freed after their last use, or after the node that
+    ``freed_after`` names for them if that comes later: where eager drops
+    its last reference (lifetimes.py), so that memory is eager's."""
 
     def __init__(self, gm: fx.GraphModule, device: torch.device, timer: str,
                  swap_out_after: Mapping[str, Sequence[str]] = None,
                  swap_in_before: Mapping[str, Sequence[str]] = None,
-                 measure_swaps: bool = False, keep_until_end: frozenset[str] = frozenset()):
+                 measure_swaps: bool = False, freed_after: Mapping[str, str] = None):
         super().__init__(gm, garbage_collect_values=True)
-        for user, freed in self.user_to_last_uses.items():
-            freed[:] = [n for n in freed if n.name not in keep_until_end]
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
         self.by_name = {n.name: n for n in self.nodes}
+        self._free_as_eager_does(freed_after or {})
         self.device = device
         self.timer_name = timer
         self.timer = make_timer(timer, len(self.nodes))
@@ -76,6 +75,19 @@ class ProfilingInterpreter(fx.Interpreter):
             raise MutwoError("swap='measure' copies activations to pinned host memory and needs "
                              "a CUDA device: use swap='model' on the CPU.")
         self.swaps = SwapCopies() if measure_swaps else None
+
+    def _free_as_eager_does(self, freed_after: Mapping[str, str]) -> None:
+        """Move each value's deletion to where eager frees it, if later."""
+        freed_at = {n: user for user, values in self.user_to_last_uses.items() for n in values}
+        for name, after in freed_after.items():
+            node, eager = self.by_name.get(name), self.by_name.get(after)
+            if node is None or eager is None or node.op == "placeholder":
+                continue
+            graph = freed_at.get(node)
+            if graph is None or self.index[eager] > self.index[graph]:
+                if graph is not None:
+                    self.user_to_last_uses[graph].remove(node)
+                self.user_to_last_uses.setdefault(eager, []).append(node)
 
     def run_iteration(self, *args, boxed: bool = False):
         """Run the graph once; return (outputs, IterationRecord). With

@@ -6,7 +6,7 @@ entry point for a user's train step."""
 import torch
 from torch import fx
 
-from passes import GraphAnalysis, NodeType, run_pipeline
+from passes import GraphAnalysis, run_pipeline
 
 from .capture import capture_train_step
 from .errors import MutwoError
@@ -24,20 +24,20 @@ SWAP_MODES = ("model", "measure")
 class GraphProfiler:
     """Profiles repeated runs of one graph (the plan's GraphProfiler).
 
+    ``freed_after`` (a TrainStepGraph's) frees values where eager does.
     Call ``run(*graph_inputs)`` per iteration, ``reset_stats()`` after the
     warm-up, then ``aggregate_stats()`` / ``print_stats()`` / ``report()``."""
 
     def __init__(self, gm: fx.GraphModule, analysis: GraphAnalysis, device: torch.device,
-                 timer: str | None = None, swap: str = "model"):
+                 timer: str | None = None, swap: str = "model", freed_after: dict[str, str] | None = None):
         if swap not in SWAP_MODES:
             raise MutwoError(f"unknown swap mode {swap!r}: choose one of {', '.join(SWAP_MODES)}")
         self.gm, self.analysis, self.device, self.swap = gm, analysis, device, swap
         self.timer = timer or default_timer(device)
         swap_model(device)  # calibrate copies before the first profiled iteration (cached)
         swap_out_after, swap_in_before = swap_points(analysis)
-        grads = frozenset(n.name for n, kind in analysis.kinds.items() if kind is NodeType.GRAD)
         self.interpreter = ProfilingInterpreter(gm, device, self.timer, swap_out_after, swap_in_before,
-                                                measure_swaps=swap == "measure", keep_until_end=grads)
+                                                measure_swaps=swap == "measure", freed_after=freed_after)
         self.stats = Statistics()
 
     def run(self, *graph_inputs):
@@ -167,7 +167,7 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
     with phases.phase("passes"):
         analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
     with phases.phase("swap calibration"):  # most of GraphProfiler's set-up
-        profiler = GraphProfiler(step.gm, analysis, device, timer, swap)
+        profiler = GraphProfiler(step.gm, analysis, device, timer, swap, step.freed_after)
     with phases.phase(f"warm-up ({_iterations(warmup)})"):
         for _ in range(warmup):  # the graph's own code: nothing to measure, ten times faster
             step.run(*args)

@@ -13,7 +13,10 @@ class GraphHints:
     ``num_fwd_outputs`` is set for AOTAutograd joint graphs: the joint
     outputs before it are forward outputs, the rest one gradient per primal
     (None where a primal gets no gradient). ``names`` maps placeholders to the
-    qualified names reports show (``layer1.0.conv1.weight``)."""
+    qualified names reports show (``layer1.0.conv1.weight``). ``freed_after``
+    maps a node to the node after which eager drops its last reference (a
+    train-step capture sees the user's references: ``out = model(x)``,
+    ``.grad``); a storage lives at least that long."""
 
     params: frozenset[str] = frozenset()
     buffers: frozenset[str] = frozenset()
@@ -21,3 +24,4 @@ class GraphHints:
     frozen_params: frozenset[str] = frozenset()
     num_fwd_outputs: int | None = None
     names: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    freed_after: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))

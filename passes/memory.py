@@ -1,11 +1,11 @@
 """Memory simulation with no GPU: live bytes per node by kind.
 
 Each storage is allocated by the node that creates it and freed after the
-last node that refers to it or reads a value referring to it; graph inputs
-stay resident for the whole iteration, graph outputs and gradients to its
-end (eager keeps a gradient in .grad until zero_grad, after the optimizer
-step: a graph would free it at its last read, inside the optimizer); in-place
-ops and views allocate nothing. Optionally sizes are rounded up to 512
+last node that refers to it or reads a value referring to it, or later where
+eager holds a reference longer (``freed_after``: a train step's local
+``out = model(x)``, a gradient in .grad until zero_grad); graph inputs stay
+resident for the whole iteration, graph outputs to its end; in-place ops and
+views allocate nothing. Optionally sizes are rounded up to 512
 bytes, as the CUDA caching allocator does."""
 
 from dataclasses import dataclass
@@ -61,22 +61,25 @@ def storage_kinds(storages: StorageMap, kinds: Mapping[fx.Node, NodeType]) -> di
             for key, creator in storages.creator.items()}
 
 
-def last_uses(nodes, rank, storages: StorageMap) -> dict[int, int]:
+def last_uses(nodes, rank, storages: StorageMap, freed_after: Mapping[fx.Node, fx.Node]) -> dict[int, int]:
     """Rank after which each storage is free: the last reader of any node
     that refers to it (a container such as a multi-output op's tuple holds
-    its storages until its last getitem)."""
+    its storages until its last getitem), or where eager drops the node's
+    last reference if that comes later."""
     last_use = {}
     for node in nodes:
-        until = max((rank[user] for user in node.users), default=rank[node])
+        until = max([rank[user] for user in node.users] + [rank[node]] +
+                    ([rank[freed_after[node]]] if node in freed_after else []))
         for key in storages.refs.get(node, ()):
             if last_use.get(key, -1) < until:
                 last_use[key] = until
     return last_use
 
 
-def simulate_memory(nodes, rank, kinds, storages: StorageMap, allocator_rounding: bool = False) -> MemorySimulation:
+def simulate_memory(nodes, rank, kinds, storages: StorageMap, allocator_rounding: bool = False,
+                    freed_after: Mapping[fx.Node, fx.Node] = MappingProxyType({})) -> MemorySimulation:
     count = len(nodes)
-    last_use = last_uses(nodes, rank, storages)
+    last_use = last_uses(nodes, rank, storages, freed_after)
     kind_of = storage_kinds(storages, kinds)
     kind_index = {kind: i for i, kind in enumerate(KIND_ORDER)}
     output_rank = rank[nodes[-1]]
@@ -87,9 +90,8 @@ def simulate_memory(nodes, rank, kinds, storages: StorageMap, allocator_rounding
         k = kind_index[kind_of[key]]
         nbytes = rounded(storages.nbytes[key], allocator_rounding)
         resident = creator.op == "placeholder"
-        to_end = resident or kind_of[key] is NodeType.GRAD or last_use[key] >= output_rank
         allocated[k, 0 if resident else rank[creator]] += nbytes
-        freed[k, count if to_end else last_use[key]] += nbytes
+        freed[k, count if resident or last_use[key] >= output_rank else last_use[key]] += nbytes
     held = np.cumsum(allocated, axis=1)[:, :count]
     freed_through = np.cumsum(freed, axis=1)[:, :count]
     during = held - freed_through + freed[:, :count]  # frees at rank r happen after node r

@@ -73,7 +73,11 @@ def run_pipeline(gm: fx.GraphModule, hints: GraphHints | None = None,
     size = lambda key: rounded(storages.nbytes[key], allocator_rounding)  # noqa: E731
     activations = timed("liveness", activation_liveness, nodes, rank, boundary, kinds.kinds, storages, size)
     recompute = timed("recompute", recompute_subgraphs, nodes, activations, kinds.kinds, boundary.regions, rank)
-    memory = timed("memory", simulate_memory, nodes, rank, kinds.kinds, storages, allocator_rounding)
+    by_name = {n.name: n for n in nodes}
+    freed_after = {by_name[n]: by_name[a] for n, a in (hints.freed_after if hints else {}).items()
+                   if n in by_name and a in by_name}
+    memory = timed("memory", simulate_memory, nodes, rank, kinds.kinds, storages, allocator_rounding,
+                   freed_after)
     output_bytes = MappingProxyType({n: sum(size(k) for k in storages.created_by(n)) for n in nodes})
     return GraphAnalysis(nodes, rank, boundary, boundary.regions, kinds.kinds, kinds.grads, kinds.frozen,
                          storages, output_bytes, activations, recompute, memory, MappingProxyType(seconds))

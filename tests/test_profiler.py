@@ -213,29 +213,45 @@ def test_interpreter_holds_no_values_after_a_run():
     assert loss.isfinite() and interp.env == {}
 
 
-def test_gradients_stay_alive_to_the_end_as_eager_keeps_them_in_grad():
-    """SGD reads each gradient once, in the middle of its update; eager keeps
-    it in .grad until zero_grad, so the interpreter must hold it to the end
-    (else its measured peak is under eager's) while freeing other values."""
+def test_values_live_as_long_as_eager_holds_them():
+    """SGD reads each gradient once, in the middle of its update, and the
+    loss reads the model output once; eager holds gradients in .grad until
+    zero_grad and the output in the train step's local ``out``. The
+    interpreter frees them there, not at their last read."""
+
+    def step_with_local(model, optimizer, x, y):
+        out = mutwo_backend.sep(model(x))  # held until the step returns
+        loss = nn.functional.cross_entropy(out, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
     model, _, x, y = mlp_case()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    step = mutwo_backend.capture_train_step(mlp_step, model, optimizer, x, y)
+    step = mutwo_backend.capture_train_step(step_with_local, model, optimizer, x, y)
     analysis = run_pipeline(step.gm, step.hints)
-    profiler = GraphProfiler(step.gm, analysis, torch.device("cpu"))
+    profiler = GraphProfiler(step.gm, analysis, torch.device("cpu"), freed_after=step.freed_after)
     interp = profiler.interpreter
-    alive_at_output, run_node = set(), interp.run_node
+    alive = {}  # storages (the analysis' keys) that values held by the interpreter refer to
+    zero_grad = next(n for n in interp.nodes if "zero_grad" in str(n.args[0] if n.args else ""))
+    last_update = interp.nodes[interp.index[zero_grad] - 2]  # before the step's record_function exit
+    run_node = interp.run_node
 
     def watching_run_node(node):
-        if node.op == "output":
-            alive_at_output.update(interp.env)
+        if node in (last_update, interp.nodes[-1]):
+            alive[node] = {key for value in interp.env for key in analysis.storages.refs.get(value, ())}
         return run_node(node)
 
     interp.run_node = watching_run_node
     step.run(x, y, executor=profiler.run)
-    grads = {n for n, kind in analysis.kinds.items() if kind is NodeType.GRAD}
-    activations = set(analysis.activations)
-    assert len(grads) == 6 and grads <= alive_at_output
-    assert activations and not activations & alive_at_output
+    storages = lambda nodes: {key for n in nodes for key in analysis.storages.refs[n]}  # noqa: E731
+    grads = storages(n for n, kind in analysis.kinds.items() if kind is NodeType.GRAD)
+    output = storages(n for n in interp.nodes if n.name == "sep")
+    activations = storages(n for n, info in analysis.activations.items() if info.memory_bytes) - output
+    assert len(grads) == 6 and grads | output <= alive[last_update]
+    assert not grads & alive[interp.nodes[-1]]  # zero_grad dropped them
+    assert activations and not activations & alive[last_update]
 
 
 OPTIMIZERS = {

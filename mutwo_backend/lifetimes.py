@@ -1,0 +1,57 @@
+"""When eager training frees each value of a captured train step.
+
+A graph can free a value after its last reader; eager frees a tensor when
+its last reference goes. The two differ where the user's code holds a
+reference: ``out = model(x)`` keeps the model output alive through backward
+and the optimizer step, ``.grad`` keeps a gradient until ``zero_grad``. The
+capture runs the user's real Python code on fake tensors, so those
+references are real while it traces: ``EagerLifetimes`` watches every
+tensor an op returns and, when Python collects it, notes the last node
+traced so far. The memory pass and the profiling interpreter then free each
+value where eager would (never before the graph's last read of it).
+"""
+
+import weakref
+
+import torch.utils._pytree as pytree
+from torch import Tensor, fx
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class EagerLifetimes(TorchDispatchMode):
+    """Enter inside make_fx, around the user's code. Afterwards
+    ``freed_after(output_node)`` maps each watched node's name to the name of
+    the node after which eager dropped its last reference."""
+
+    def __init__(self):
+        super().__init__()
+        self._died: dict[fx.Node, fx.Node] = {}
+        self._watched: list[fx.Node] = []
+        self._latest: fx.Node | None = None
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        mode = get_proxy_mode()
+        if mode is None:
+            return out
+        for value in pytree.tree_leaves(out):
+            if isinstance(value, Tensor):
+                traced = get_proxy_slot(value, mode.tracer, None)
+                if traced is not None:
+                    self._watch(value, traced.proxy.node)
+        return out
+
+    def _watch(self, tensor: Tensor, node: fx.Node) -> None:
+        self._latest = node
+        self._watched.append(node)
+        weakref.finalize(tensor, self._note_death, node)
+
+    def _note_death(self, node: fx.Node) -> None:
+        if self._latest is not None:
+            self._died[node] = self._latest
+
+    def freed_after(self, last: fx.Node) -> dict[str, str]:
+        """Watched values still referenced when tracing ended (outputs,
+        values a module or the optimizer kept) live to ``last``."""
+        return {node.name: self._died.get(node, last).name for node in self._watched}
