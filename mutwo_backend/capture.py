@@ -170,10 +170,7 @@ def _trace(train_step, model, optimizer, params, buffers, example_args) -> Train
         raise
     except Exception as error:
         raise CaptureError(
-            f"tracing train_step failed: {type(error).__name__}: {error}\n"
-            "The capture runs train_step once on fake tensors: it must not read tensor values "
-            "(.item(), print of a tensor, if on a tensor) and must use only the model, the "
-            "optimizer and its arguments."
+            f"tracing train_step failed: {type(error).__name__}: {error}\n" + _why_tracing_failed(model)
         ) from error
     _check_graph(gm, watch)
 
@@ -257,6 +254,17 @@ def _optimizer_on(optimizer, name_of, traced_params, traced_states):
         for group, group_params in zip(optimizer.param_groups, saved_params):
             group["params"] = group_params
         optimizer.state = saved_state
+
+
+def _why_tracing_failed(model: nn.Module) -> str:
+    rnns = [type(m).__name__ for m in model.modules() if isinstance(m, nn.RNNBase)]
+    if rnns and any(p.is_cuda for p in model.parameters()):
+        return (f"The model holds {rnns[0]} on a GPU: cuDNN's recurrent kernels cannot run on the "
+                "fake tensors the capture traces with (a PyTorch limitation). Capture it on the CPU, "
+                "where the step traces.")
+    return ("The capture runs train_step once on fake tensors: it must not read tensor values "
+            "(.item(), print of a tensor, if on a tensor) and must use only the model, the "
+            "optimizer and its arguments.")
 
 
 def _check_devices(params, buffers, args) -> None:

@@ -279,3 +279,12 @@ def test_inputs_on_another_device_raise():
 
 def test_errors_are_mutwo_errors():
     assert issubclass(CaptureError, mutwo_backend.MutwoError)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuDNN's recurrent kernels need a CUDA GPU")
+def test_cudnn_rnn_capture_error_names_the_limitation():
+    model, (ids, targets), spec = lstm_case()
+    model = model.cuda()
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    with pytest.raises(CaptureError, match="LSTM on a GPU: cuDNN's recurrent kernels cannot run on the fake"):
+        capture_train_step(zoo_train_step(spec), model, optimizer, ids.cuda(), targets.cuda())
