@@ -103,10 +103,21 @@ def get_report(compiled_model) -> Report | None:
     for tensor in [*module.parameters(), *module.buffers()]:
         if tensor in _SESSIONS:
             sessions[id(_SESSIONS[tensor])] = _SESSIONS[tensor]
+    if not sessions:
+        log.warning(_no_graph_hint(module))
+        return None
     graphs = [g for session in sessions.values() for g in session.graphs]
-    if not sessions or not any(g.report for g in graphs):
+    if not any(g.report for g in graphs):
         return None
     return _combine_graphs(graphs, next(iter(sessions.values())).options)
+
+
+def _no_graph_hint(module: torch.nn.Module) -> str:
+    rnns = sorted({type(m).__name__ for m in module.modules() if isinstance(m, torch.nn.RNNBase)})
+    why = (f"dynamo does not compile {', '.join(rnns)} unless torch._dynamo.config.allow_rnn = True"
+           if rnns else "dynamo ran it without compiling it (see TORCH_LOGS=graph_breaks)")
+    return ("no graph of this model has reached the mutwo_profile backend: run training steps "
+            f"through the compiled model; if you did, {why}.")
 
 
 def _session_for(example_inputs, options: dict | None, parsed: BackendOptions) -> "ProfileSession":

@@ -201,6 +201,23 @@ def test_a_graph_recompiled_every_step_is_named_in_a_note():
                for note in report["meta"]["notes"]), report["meta"]["notes"]
 
 
+def test_a_model_dynamo_does_not_compile_gets_a_hint(caplog):
+    class LSTMModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.head = nn.LSTM(4, 8, batch_first=True), nn.Linear(8, 2)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0][:, -1])
+
+    model = LSTMModel()
+    compiled = torch.compile(model, backend="mutwo_profile")
+    for _ in range(4):
+        compiled(torch.randn(3, 5, 4)).sum().backward()
+    assert mutwo_backend.get_report(compiled) is None
+    assert "dynamo does not compile LSTM unless torch._dynamo.config.allow_rnn = True" in caplog.text
+
+
 def test_unknown_option_lists_valid_ones():
     compiled = torch.compile(nn.Linear(2, 2), backend="mutwo_profile", options={"warmpu": 1})
     with pytest.raises(Exception, match="unknown mutwo_profile option.*'warmpu'.*valid options are warmup, iters"):
