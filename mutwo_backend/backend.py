@@ -82,7 +82,6 @@ _LATEST_SESSION: "weakref.ref[ProfileSession] | None" = None
 def mutwo_profile(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Backend entry point (registered as "mutwo_profile")."""
     opts = BackendOptions.parse(options)
-    prepare_calibration(_device_of(example_inputs))  # for build_report, after the measurement
     session = _session_for(example_inputs, options, opts)
     graph = DynamoGraph(session, len(session.graphs), example_inputs)
     session.graphs.append(graph)
@@ -170,9 +169,12 @@ class DynamoGraph:
         self.session, self.index = session, index
         self.options = session.options
         self.device = _device_of(example_inputs)
+        prepare_calibration(self.device)  # pinned while compiling; build_report calibrates after measuring
         self.timer = self.options.timer or default_timer(self.device)
         self.inputs = list(example_inputs)
-        self.param_ids = frozenset(id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter))
+        param_ids = frozenset(id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter))
+        # recompilations of one graph (new shapes, new constants) share its parameters
+        self.key = param_ids or id(self)
         self.analysis = None
         self.report = None
         self.first_run = None
@@ -308,10 +310,11 @@ def _forward_fill(values: np.ndarray) -> np.ndarray:
 def _combine_graphs(graphs: list["DynamoGraph"], options: BackendOptions) -> Report:
     """One report for all measured graphs of a compiled model, in the order
     they first ran."""
-    all_graphs, latest = graphs, {}  # a recompilation (new shapes) replaces the graph of the same parameters
+    latest = {}  # a recompilation (new shapes) replaces the graph of the same parameters
     for graph in graphs:
         if graph.report is not None:
-            latest[graph.param_ids or id(graph)] = graph
+            latest[graph.key] = graph
+    unmeasured = _unmeasured_note(graphs, latest, options)
     measured = sorted(latest.values(), key=lambda g: g.first_run)
     graphs = [g.report.to_dict() for g in measured]
     main_index, main = max(enumerate(graphs), key=lambda item: item[1]["memory"]["peak_bytes"])
@@ -319,7 +322,7 @@ def _combine_graphs(graphs: list["DynamoGraph"], options: BackendOptions) -> Rep
     if len(graphs) > 1:
         notes.append(f"the model had {len(graphs) - 1} graph break(s): {len(graphs)} graphs, shown in "
                      "execution order under 'graphs'; top-level memory is the graph with the highest peak")
-    notes += _unmeasured_note(all_graphs, latest, options)
+    notes += unmeasured
     opt_state_bytes = _optimizer_state_bytes(options.optimizer)
     memory = copy.deepcopy(main["memory"])
     if memory["measured_peak_bytes"] is not None:  # the allocator's peak is the step's, in any graph
@@ -348,9 +351,8 @@ def _unmeasured_note(graphs: list["DynamoGraph"], measured: dict, options: Backe
     part of the model is never silent."""
     waiting = {}
     for graph in graphs:
-        key = graph.param_ids or id(graph)
-        if key not in measured:
-            waiting.setdefault(key, []).append(graph)
+        if graph.key not in measured:
+            waiting.setdefault(graph.key, []).append(graph)
     if not waiting:
         return []
     compiles = max(len(versions) for versions in waiting.values())
