@@ -17,8 +17,11 @@ from typing import Callable
 
 import torch
 import torch.optim.adam as adam_module
+import torch.optim.optimizer as optimizer_module
+import torch.utils._foreach_utils as foreach_utils
 import torch.utils._pytree as pytree
 from torch import fx, nn
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.stateless import _reparametrize_module
 
@@ -158,7 +161,8 @@ def _trace(train_step, model, optimizer, params, buffers, example_args) -> Train
 
     def traced_step(p_in, b_in, s_in, args):
         with _reparametrize_module(model, {**p_in, **b_in}, tie_weights=True), \
-                _optimizer_on(optimizer, name_of, p_in, s_in), watch, lifetimes:
+                _optimizer_on(optimizer, name_of, p_in, s_in), _fake_tensors_pass_foreach_checks(), \
+                watch, lifetimes:
             out = train_step(model, optimizer, *args)
             grads = [p.grad for p in p_in.values()]
         return out, grads
@@ -235,6 +239,24 @@ def _traceable_optimizer_step():
         yield
     finally:
         torch.compiler._is_compiling_flag, adam_module._get_value = compiling, get_value
+
+
+@contextlib.contextmanager
+def _fake_tensors_pass_foreach_checks():
+    """Let PyTorch choose foreach kernels for the traced tensors as it does
+    for the real ones. Optimizers without ``foreach``/``fused`` set (foreach
+    is their default on a GPU) and ``clip_grad_norm_`` take the foreach path
+    only for tensors whose ``type()`` is Tensor or Parameter; fake tensors
+    are neither, so the graph would otherwise hold per-tensor loops that
+    eager training never runs, with other memory and time."""
+    type_lists = (optimizer_module._foreach_supported_types, foreach_utils._foreach_supported_types)
+    for types in type_lists:
+        types.append(FakeTensor)
+    try:
+        yield
+    finally:
+        for types in type_lists:
+            types.remove(FakeTensor)
 
 
 @contextlib.contextmanager

@@ -2,10 +2,13 @@
 optimizer state and buffers; the graph's structure; errors on bad input."""
 
 import copy
+from collections import Counter
 
 import pytest
 import torch
+import torch.optim.optimizer as optimizer_module
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import mutwo_backend
 from mutwo_backend import CaptureError, capture_train_step
@@ -184,6 +187,74 @@ def test_step_returns_what_train_step_returns_and_keeps_grads_it_leaves():
     assert torch.allclose(out["loss"], eager_out["loss"], atol=1e-6)
     assert max_abs_diff([p.grad for p in model.parameters()],
                         [p.grad for p in eager_model.parameters()]) <= 1e-6
+
+
+class OpsDispatched(TorchDispatchMode):
+    """Counts the aten ops an eager step dispatches, by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[func.overloadpacket.__name__] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def foreach_ops(names):
+    return {name for name in names if name.startswith("_foreach")}
+
+
+def clipped_step(model, optimizer, x, y):
+    loss = nn.functional.cross_entropy(mutwo_backend.sep(model(x)), y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss
+
+
+# (optimizer, train step, whether the optimizer's devices include the CPU, as a GPU is)
+DEFAULT_FOREACH_CASES = {
+    "adam-default-cpu": (lambda p: torch.optim.Adam(p), None, False),
+    "adam-default-gpu-like": (lambda p: torch.optim.Adam(p), None, True),
+    "adamw-default-gpu-like": (lambda p: torch.optim.AdamW(p, weight_decay=0.01), None, True),
+    "sgd-default-gpu-like": (lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9), None, True),
+    "clip-grad-norm": (lambda p: torch.optim.Adam(p, fused=True), clipped_step, False),
+}
+
+
+@pytest.mark.parametrize("case", DEFAULT_FOREACH_CASES)
+def test_graph_takes_the_foreach_path_eager_takes(case, monkeypatch):
+    """Optimizers without foreach/fused set (foreach is their default on a
+    GPU) and clip_grad_norm_ choose foreach kernels by the tensors' type();
+    the graph must follow the choice eager makes for the real tensors, not
+    the one it would make for fake ones. Patching the optimizers' foreach
+    devices to the CPU makes eager choose as it does on a GPU."""
+    make_optimizer, step_fn, gpu_like = DEFAULT_FOREACH_CASES[case]
+    if gpu_like:
+        monkeypatch.setattr(optimizer_module, "_get_foreach_kernels_supported_devices", lambda: ["cpu"])
+    torch.manual_seed(0)
+    model, (inputs, targets), spec = zoo_case("mlp", 4)
+    model.eval()  # no dropout: the two runs need no shared RNG
+    eager_model = copy.deepcopy(model)
+    step_fn = step_fn or zoo_train_step(spec)
+    step = capture_train_step(step_fn, model, make_optimizer(model.parameters()), inputs, targets)
+    graph_ops = {n.target.overloadpacket.__name__ for n in step.gm.graph.nodes
+                 if isinstance(n.target, torch._ops.OpOverload)}
+    eager_optimizer = make_optimizer(eager_model.parameters())
+    step_fn(eager_model, eager_optimizer, inputs, targets)  # creates the state, as the capture did
+    with OpsDispatched() as eager:
+        step_fn(eager_model, eager_optimizer, inputs, targets)
+
+    # _foreach_addcdiv_ with tensor scalars is decomposed by the capture (optimizers.py)
+    assert foreach_ops(eager.ops) - {"_foreach_addcdiv_"} <= foreach_ops(graph_ops)
+    assert bool(foreach_ops(eager.ops)) == bool(foreach_ops(graph_ops) - {"_foreach_copy_"})
+    if gpu_like or step_fn is clipped_step:
+        assert foreach_ops(eager.ops)  # the case tests what it says
+    for _ in range(2):  # as many steps as eager took
+        step(inputs, targets)
+    assert max_abs_diff(model.parameters(), eager_model.parameters()) <= 1e-6
 
 
 # --- bad input -------------------------------------------------------------
