@@ -16,6 +16,7 @@ the model.
 """
 
 import copy
+import dataclasses
 import logging
 import weakref
 from collections import deque
@@ -108,7 +109,7 @@ def get_report(compiled_model) -> Report | None:
     graphs = [g for session in sessions.values() for g in session.graphs]
     if not any(g.report for g in graphs):
         return None
-    return _combine_graphs(graphs, next(iter(sessions.values())).options)
+    return _combine_graphs(graphs, next(iter(sessions.values())))
 
 
 def _no_graph_hint(module: torch.nn.Module) -> str:
@@ -129,12 +130,12 @@ def _session_for(example_inputs, options: dict | None, parsed: BackendOptions) -
     keys = [t for t in example_inputs if isinstance(t, torch.nn.Parameter)]
     session = next((_SESSIONS[k] for k in keys if k in _SESSIONS), None)
     if session is None and options is not None:
-        session = next((s for s in _SESSIONS.values() if s.options_source is options), None)
+        session = next((s for s in _SESSIONS.values() if s.options_id == id(options)), None)
     if session is None and not keys and options is None and _LATEST_SESSION is not None:
         session = _LATEST_SESSION()
     if session is None:
-        session = ProfileSession(parsed, options)
-    session.options = parsed
+        session = ProfileSession(id(options))
+    session.use(parsed)
     for key in keys:
         _SESSIONS[key] = session
     _LATEST_SESSION = weakref.ref(session)
@@ -142,13 +143,27 @@ def _session_for(example_inputs, options: dict | None, parsed: BackendOptions) -
 
 
 class ProfileSession:
-    """All dynamo graphs of one compiled model, and its latest report."""
+    """All dynamo graphs of one compiled model, and its latest report.
 
-    def __init__(self, options: BackendOptions, options_source: dict | None):
-        self.options = options
-        self.options_source = options_source  # the dict given to torch.compile
+    A session lives as long as the model's parameters (it is their value in
+    _SESSIONS), so it must not reference them: it holds the optimizer weakly
+    and the options dict of torch.compile by id, and its graphs hold no
+    example inputs. Otherwise profiling a model would keep its parameters
+    and optimizer state in memory after the user dropped them."""
+
+    def __init__(self, options_id: int | None):
+        self.options_id = options_id  # id() of the dict given to torch.compile
         self.graphs: list[DynamoGraph] = []
         self._first_runs = 0
+
+    def use(self, options: BackendOptions) -> None:
+        """Take the options of the latest compilation."""
+        self._optimizer = weakref.ref(options.optimizer) if options.optimizer is not None else None
+        self.options = dataclasses.replace(options, optimizer=None)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        return self._optimizer() if self._optimizer is not None else None
 
     def next_run_order(self) -> int:
         """Position of a graph's first run among the session's graphs."""
@@ -158,7 +173,7 @@ class ProfileSession:
     def graph_measured(self) -> None:
         """Called when a graph completes a measurement: save the report."""
         if self.options.report_dir:
-            path = _combine_graphs(self.graphs, self.options).save(self.options.report_dir)
+            path = _combine_graphs(self.graphs, self).save(self.options.report_dir)
             log.info("mutwo report saved to %s", path)
 
 
@@ -171,7 +186,9 @@ class DynamoGraph:
         self.device = _device_of(example_inputs)
         prepare_calibration(self.device)  # pinned while compiling; build_report calibrates after measuring
         self.timer = self.options.timer or default_timer(self.device)
-        self.inputs = list(example_inputs)
+        # (is a Parameter, requires grad) per input; not the tensors, which a graph must not keep alive
+        self.input_roles = [(isinstance(t, torch.nn.Parameter), bool(getattr(t, "requires_grad", False)))
+                            for t in example_inputs]
         param_ids = frozenset(id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter))
         # recompilations of one graph (new shapes, new constants) share its parameters
         self.key = param_ids or id(self)
@@ -212,10 +229,10 @@ class DynamoGraph:
         inputs AOTAutograd marks static (their lifetime is the model's)."""
         primals = [n for n in joint.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
         params, buffers, frozen = set(), set(), set()
-        for index, (node, value) in enumerate(zip(primals, self.inputs)):
-            if isinstance(value, torch.nn.Parameter):
+        for index, (node, (is_param, requires_grad)) in enumerate(zip(primals, self.input_roles)):
+            if is_param:
                 params.add(node.name)
-                if not value.requires_grad:
+                if not requires_grad:
                     frozen.add(node.name)
             elif index in static_indices:
                 buffers.add(node.name)
@@ -307,14 +324,14 @@ def _forward_fill(values: np.ndarray) -> np.ndarray:
     return np.where(filled >= 0, filled, 0)
 
 
-def _combine_graphs(graphs: list["DynamoGraph"], options: BackendOptions) -> Report:
+def _combine_graphs(graphs: list["DynamoGraph"], session: ProfileSession) -> Report:
     """One report for all measured graphs of a compiled model, in the order
     they first ran."""
     latest = {}  # a recompilation (new shapes) replaces the graph of the same parameters
     for graph in graphs:
         if graph.report is not None:
             latest[graph.key] = graph
-    unmeasured = _unmeasured_note(graphs, latest, options)
+    unmeasured = _unmeasured_note(graphs, latest, session.options)
     measured = sorted(latest.values(), key=lambda g: g.first_run)
     graphs = [g.report.to_dict() for g in measured]
     main_index, main = max(enumerate(graphs), key=lambda item: item[1]["memory"]["peak_bytes"])
@@ -323,7 +340,7 @@ def _combine_graphs(graphs: list["DynamoGraph"], options: BackendOptions) -> Rep
         notes.append(f"the model had {len(graphs) - 1} graph break(s): {len(graphs)} graphs, shown in "
                      "execution order under 'graphs'; top-level memory is the graph with the highest peak")
     notes += unmeasured
-    opt_state_bytes = _optimizer_state_bytes(options.optimizer)
+    opt_state_bytes = _optimizer_state_bytes(session.optimizer)
     memory = copy.deepcopy(main["memory"])
     if memory["measured_peak_bytes"] is not None:  # the allocator's peak is the step's, in any graph
         memory["measured_peak_bytes"] = max(g["memory"]["measured_peak_bytes"] for g in graphs)

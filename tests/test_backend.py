@@ -1,9 +1,11 @@
 """torch.compile(model, backend="mutwo_profile") in ordinary training loops."""
 
 import copy
+import gc
 import subprocess
 import sys
 import textwrap
+import weakref
 
 import numpy as np
 import pytest
@@ -19,7 +21,10 @@ from mutwo_backend.models import get_model
 
 
 def train_loop(model, spec, inputs, targets, steps, seed=0):
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    return train_loop_with(model, torch.optim.Adam(model.parameters(), lr=1e-3), spec, inputs, targets, steps, seed)
+
+
+def train_loop_with(model, optimizer, spec, inputs, targets, steps, seed=0):
     losses = []
     torch.manual_seed(seed)
     for _ in range(steps):
@@ -288,6 +293,28 @@ def test_without_optimizer_the_report_says_state_was_not_seen():
     spec.loss(compiled(inputs), targets).backward()
     notes = mutwo_backend.get_report(compiled).to_dict()["meta"]["notes"]
     assert any("optimizer state was not seen" in n for n in notes)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager_default_partitioner", "mutwo_profile"])
+def test_a_profiled_model_and_its_optimizer_are_freed_like_an_aot_eager_one(backend):
+    """The backend's per-model state is kept by the model's parameters; it
+    used to hold the optimizer (and the parameters through it), so a GPU
+    kept a profiled model's parameters and optimizer state forever. torch
+    keeps the options of a torch.compile until torch._dynamo.reset()."""
+    spec = get_model("mlp")
+    model = spec.build()
+    optimizer = torch.optim.Adam(model.parameters())
+    options = {"options": {"warmup": 1, "iters": 1, "optimizer": optimizer}} if backend == "mutwo_profile" else {}
+    compiled = torch.compile(model, backend=backend, **options)
+    inputs, targets = spec.make_batch(4, 0, torch.device("cpu"))
+    train_loop_with(compiled, optimizer, spec, inputs, targets, steps=3)
+    if backend == "mutwo_profile":
+        assert mutwo_backend.get_report(compiled) is not None
+    alive = [weakref.ref(model), weakref.ref(optimizer), weakref.ref(next(model.parameters()))]
+    del model, optimizer, compiled, options
+    torch._dynamo.reset()
+    gc.collect()
+    assert [ref() is None for ref in alive] == [True, True, True]
 
 
 def test_after_keep_profiles_every_iteration_with_bounded_records(interpreter_calls):
