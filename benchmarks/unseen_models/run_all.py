@@ -10,6 +10,8 @@ Per spec, in one worker process (restarted after a timeout or crash):
   ts       profile_train_step(warmup=1, iters=2) vs eager (3 steps)
   compile  torch.compile(backend="mutwo_profile") 4 steps + get_report, vs
            eager (4 steps) and vs backend="aot_eager_default_partitioner"
+Peaks are of each path's own memory: the allocator's peak less what was
+allocated when the path began (what earlier specs left behind).
 Writes $OUT/gpu_results.jsonl (one line per spec and path), $OUT/gpu_log.txt,
 $OUT/reports/*.json.gz and prints a table at the end.
 """
@@ -68,6 +70,11 @@ def worker(args):
 
     def alloc():
         return torch.cuda.memory_allocated() if cuda else None
+
+    def own(peak, before):
+        """A peak less what was allocated before the path built its model (what
+        earlier specs left): each path's error is then of its own memory."""
+        return None if peak is None or before is None else peak - before
 
     cleanup_s = [0.0]
 
@@ -199,6 +206,7 @@ def worker(args):
     # ---- the three paths
 
     def eager_path(holder, name, spec):
+        before = alloc()
         model, opt, inputs = build(spec)
         holder["refs"] = [weakref.ref(model)]
         step = eager_step(spec)
@@ -211,7 +219,7 @@ def worker(args):
         step(model, opt, *inputs)                      # 2: peak and wall time
         sync()
         step_ms = (time.perf_counter() - t0) * 1e3
-        peak = torch.cuda.max_memory_allocated() if cuda else None
+        peak = own(torch.cuda.max_memory_allocated() if cuda else None, before)
         fwd_bwd(spec, model, opt, *inputs)             # 3: optimizer.step() alone under the profiler
         t0 = time.perf_counter()
         opt_ms = gpu_time_ms(opt.step)
@@ -237,6 +245,7 @@ def worker(args):
                     eager_rerun_param_max_diff=noise, n_params=n_params)
 
     def ts_path(holder, name, spec, ref):
+        before = alloc()
         model, opt, inputs = build(spec)
         holder["refs"] = [weakref.ref(model)]
         torch.manual_seed(SEED + 1)
@@ -250,6 +259,7 @@ def worker(args):
         opt_region = sum(n["run_time_ms"] for n in nodes if n["region"] == "optimizer")
         ref = ref or {}
         eager_peak = ref.get("peak")
+        measured_peak = own(mem.get("measured_peak_bytes"), before)
         return dict(
             time_to_report_s=round(t_report, 2), phase_seconds=meta.get("phase_seconds"), timer=meta.get("timer"),
             iteration_time_ms=meta.get("iteration_time_ms"), instrumented_wall_ms=meta.get("instrumented_wall_ms"),
@@ -257,8 +267,8 @@ def worker(args):
             eager_kernel_ms=ref.get("kernel_ms"), iter_err_pct=pct(meta.get("iteration_time_ms"), ref.get("kernel_ms")),
             optimizer_region_ms=round(opt_region, 4), eager_opt_kernel_ms=ref.get("opt_ms"),
             opt_err_pct=pct(opt_region, ref.get("opt_ms")),
-            measured_peak_bytes=mem.get("measured_peak_bytes"), simulated_peak_bytes=mem.get("peak_bytes"),
-            eager_peak_bytes=eager_peak, peak_err_pct=pct(mem.get("measured_peak_bytes"), eager_peak),
+            measured_peak_bytes=measured_peak, simulated_peak_bytes=mem.get("peak_bytes"),
+            eager_peak_bytes=eager_peak, peak_err_pct=pct(measured_peak, eager_peak),
             sim_peak_err_pct=pct(mem.get("peak_bytes"), eager_peak),
             peak_region=nodes[mem["peak_rank"]]["region"] if nodes else None,
             breakdown_at_peak=mem.get("breakdown_at_peak"), outside_graphs_peak_bytes=mem.get("outside_graphs_peak_bytes"),
@@ -268,6 +278,7 @@ def worker(args):
     def compile_path(holder, name, spec, ref, spec_t0):
         ref = ref or {}
         torch._dynamo.reset()
+        before = alloc()
         model, opt, inputs = build(spec)
         holder["refs"] = [weakref.ref(model)]
         compiled = torch.compile(model, backend="mutwo_profile",
@@ -282,7 +293,7 @@ def worker(args):
         sync()
         report = mutwo_backend.get_report(compiled)
         t_report = time.perf_counter() - t0
-        rec = dict(time_to_report_s=round(t_report, 2), process_peak_bytes=torch.cuda.max_memory_allocated() if cuda else None,
+        rec = dict(time_to_report_s=round(t_report, 2), process_peak_bytes=own(torch.cuda.max_memory_allocated() if cuda else None, before),
                    param_max_diff=maxdiff(model, ref.get("snap4")), eager_rerun_param_max_diff=ref.get("noise"))
         fb_kernel = (ref["kernel_ms"] - ref["opt_ms"]) if ref.get("kernel_ms") is not None else None
         if report is None:
@@ -294,8 +305,9 @@ def worker(args):
             meta, mem = d["meta"], d["memory"]
             rec.update(iteration_time_ms=meta.get("iteration_time_ms"), eager_fwd_bwd_kernel_ms=fb_kernel,
                        iter_err_pct=pct(meta.get("iteration_time_ms"), fb_kernel),
-                       measured_peak_bytes=mem.get("measured_peak_bytes"), simulated_peak_bytes=mem.get("peak_bytes"),
-                       eager_peak_bytes=ref.get("peak"), peak_vs_eager_pct=pct(mem.get("measured_peak_bytes"), ref.get("peak")),
+                       measured_peak_bytes=own(mem.get("measured_peak_bytes"), before),
+                       simulated_peak_bytes=mem.get("peak_bytes"), eager_peak_bytes=ref.get("peak"),
+                       peak_vs_eager_pct=pct(own(mem.get("measured_peak_bytes"), before), ref.get("peak")),
                        graphs=meta.get("graphs"), graph_breaks=meta.get("graph_breaks"),
                        n_graph_reports=len(d.get("graphs") or []), n_nodes=len(d["nodes"]), notes=meta.get("notes"),
                        timer=meta.get("timer"))
@@ -309,6 +321,7 @@ def worker(args):
             return rec
         try:
             t0 = time.perf_counter()
+            before = alloc()
             model, opt, inputs = build(spec)
             holder["refs"].append(weakref.ref(model))
             compiled = torch.compile(model, backend="aot_eager_default_partitioner")
@@ -322,7 +335,7 @@ def worker(args):
             for _ in range(N_COMPILE - 2):
                 step(compiled, opt, *inputs)
             sync()
-            aot_peak = torch.cuda.max_memory_allocated() if cuda else None
+            aot_peak = own(torch.cuda.max_memory_allocated() if cuda else None, before)
             rec.update(aot_peak_bytes=aot_peak, aot_param_max_diff=maxdiff(model, ref.get("snap4")),
                        aot_wall_s=round(time.perf_counter() - t0, 2))
             if rec.get("measured_peak_bytes") is not None:
