@@ -127,18 +127,26 @@ def _functional_fused(functional_op):
     return decomposition
 
 
-def _foreach_addcdiv_tensor_scalars(self, tensor1, tensor2, scalars):
-    """``_foreach_addcdiv_`` with its scalars in a tensor, as foreach Adam issues it
-    on its traceable path; fake tensors cannot run that overload's meta kernel.
-    Evaluated as the CPU and CUDA kernels do: self + (scalar * tensor1) / tensor2."""
-    scaled = torch._foreach_mul(tensor1, list(scalars.to(self[0].device).unbind()))
-    torch._foreach_div_(scaled, tensor2)
-    torch._foreach_add_(self, scaled)
+@torch.library.custom_op("mutwo::foreach_addcdiv_", mutates_args=("tensors",))
+def foreach_addcdiv_(tensors: list[torch.Tensor], tensor1: list[torch.Tensor], tensor2: list[torch.Tensor],
+                     scalars: torch.Tensor) -> None:
+    """``aten._foreach_addcdiv_.Tensor``, which foreach Adam issues on its
+    traceable path with its step sizes in a CPU tensor. Fake tensors cannot
+    run that op (its meta kernel reads the scalars' values), so the capture
+    traces this op instead; running, it calls the aten op, which reads the
+    values and runs the same kernel eager Adam runs with Python floats, so
+    the update is the same to the bit."""
+    aten._foreach_addcdiv_.Tensor(tensors, tensor1, tensor2, scalars)
+
+
+@foreach_addcdiv_.register_fake
+def _(tensors, tensor1, tensor2, scalars) -> None:
+    return None
 
 
 # make_fx decomposition table of the capture.
 CAPTURE_DECOMPOSITIONS = {
-    aten._foreach_addcdiv_.Tensor: _foreach_addcdiv_tensor_scalars,
+    aten._foreach_addcdiv_.Tensor: torch.ops.mutwo.foreach_addcdiv_.default,
     aten._fused_adam_.default: _functional_fused(aten._fused_adam.default),
     aten._fused_adam_.tensor_lr: _functional_fused(aten._fused_adam.tensor_lr),
     aten._fused_adamw_.default: _functional_fused(aten._fused_adamw.default),
