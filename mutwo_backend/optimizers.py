@@ -144,9 +144,32 @@ def _(tensors, tensor1, tensor2, scalars) -> None:
     return None
 
 
+@torch.library.custom_op("mutwo::foreach_div_scalars_", mutates_args=("tensors",))
+def foreach_div_scalars_(tensors: list[torch.Tensor], scalars: list[torch.Tensor]) -> None:
+    """``aten._foreach_div_`` by one CPU scalar tensor per tensor, as foreach
+    Adam divides by its bias corrections on its traceable path. aten runs
+    that as a loop of divisions, which on a GPU multiply by the scalar's
+    reciprocal, one kernel per tensor; eager Adam divides by Python floats in
+    one foreach kernel. This runs eager's kernel with the scalars' values
+    (read on the CPU: no synchronization)."""
+    aten._foreach_div_.ScalarList(tensors, [s.item() for s in scalars])
+
+
+@foreach_div_scalars_.register_fake
+def _(tensors, scalars) -> None:
+    return None
+
+
+def _foreach_div_by_cpu_scalars(self, other):
+    if all(t.dim() == 0 and t.device.type == "cpu" for t in other):
+        return torch.ops.mutwo.foreach_div_scalars_.default(self, other)
+    return NotImplemented  # tensors by tensors: trace aten's op as it is
+
+
 # make_fx decomposition table of the capture.
 CAPTURE_DECOMPOSITIONS = {
     aten._foreach_addcdiv_.Tensor: torch.ops.mutwo.foreach_addcdiv_.default,
+    aten._foreach_div_.List: _foreach_div_by_cpu_scalars,
     aten._fused_adam_.default: _functional_fused(aten._fused_adam.default),
     aten._fused_adam_.tensor_lr: _functional_fused(aten._fused_adam.tensor_lr),
     aten._fused_adamw_.default: _functional_fused(aten._fused_adamw.default),

@@ -201,6 +201,10 @@ class OpsDispatched(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+# mutwo's ops that run an aten op as eager runs it (optimizers.py)
+STAND_INS = {"foreach_addcdiv_": "_foreach_addcdiv_", "foreach_div_scalars_": "_foreach_div_"}
+
+
 def foreach_ops(names):
     return {name for name in names if name.startswith("_foreach")}
 
@@ -257,10 +261,8 @@ def check_foreach_path_and_bits(make_optimizer, step_fn, device) -> set[str]:
     eager_model = copy.deepcopy(model)
     step_fn = step_fn or zoo_train_step(spec)
     step = capture_train_step(step_fn, model, make_optimizer(model.parameters()), inputs, targets)
-    graph_ops = {n.target.overloadpacket.__name__ for n in step.gm.graph.nodes
-                 if isinstance(n.target, torch._ops.OpOverload)}
-    if "foreach_addcdiv_" in graph_ops:  # mutwo's stand-in for aten's (optimizers.py)
-        graph_ops.add("_foreach_addcdiv_")
+    graph_ops = {STAND_INS.get(n.target.overloadpacket.__name__, n.target.overloadpacket.__name__)
+                 for n in step.gm.graph.nodes if isinstance(n.target, torch._ops.OpOverload)}
     eager_optimizer = make_optimizer(eager_model.parameters())
     step_fn(eager_model, eager_optimizer, inputs, targets)  # creates the state, as the capture did
     with OpsDispatched() as eager:
