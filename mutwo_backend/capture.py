@@ -30,7 +30,8 @@ from passes.hints import GraphHints
 from . import separator  # noqa: F401  (defines torch.ops.separator)
 from .errors import CaptureError
 from .lifetimes import EagerLifetimes
-from .optimizers import CAPTURE_DECOMPOSITIONS, EagerOptimizer, check_supported, init_state, remove_state
+from .optimizers import (CAPTURE_DECOMPOSITIONS, EagerOptimizer, changed_hyperparameter, check_supported,
+                         hyperparameters, init_state, remove_state)
 
 SEP = torch.ops.separator.sep.default
 SEP_BACKWARD = torch.ops.separator.sep_backward.default
@@ -62,7 +63,7 @@ class TrainStepGraph:
     def __init__(self, gm: fx.GraphModule, model: nn.Module, optimizer: torch.optim.Optimizer,
                  param_names: list[str], buffer_names: list[str],
                  state_keys: dict[str, list[str]], placeholder_roles: dict[str, InputRole],
-                 freed_after: dict[str, str]):
+                 freed_after: dict[str, str], traced_hyperparameters: list[dict]):
         self.gm = gm
         self.model = model
         self.optimizer = optimizer
@@ -72,6 +73,8 @@ class TrainStepGraph:
         self.placeholder_roles = placeholder_roles
         # node name -> the node after which eager drops its last reference (lifetimes.py)
         self.freed_after = freed_after
+        # the optimizer's settings the graph holds as constants
+        self.traced_hyperparameters = traced_hyperparameters
 
     @property
     def hints(self) -> GraphHints:
@@ -101,6 +104,12 @@ class TrainStepGraph:
         """One real training iteration; ``executor`` (default: the graph's own
         code, fused Adam run in place) is called with the graph's inputs, e.g.
         an interpreter."""
+        changed = changed_hyperparameter(self.traced_hyperparameters, hyperparameters(self.optimizer))
+        if changed:
+            raise CaptureError(
+                f"the optimizer's settings changed since the capture ({changed}), but the graph holds "
+                "them as constants (a learning-rate scheduler, say): capture the step again after "
+                "changing them, or train eagerly.")
         # Detached inputs, not no_grad: the graph's ops then build no autograd
         # graph and may update parameters in place, and kernels that behave
         # differently under no_grad (CPU LSTM keeps no workspace for its
@@ -162,7 +171,7 @@ def _trace(train_step, model, optimizer, params, buffers, example_args) -> Train
     def traced_step(p_in, b_in, s_in, args):
         with _reparametrize_module(model, {**p_in, **b_in}, tie_weights=True), \
                 _optimizer_on(optimizer, name_of, p_in, s_in), _fake_tensors_pass_foreach_checks(), \
-                watch, lifetimes:
+                _grad_scaler_refused(), watch, lifetimes:
             out = train_step(model, optimizer, *args)
             grads = [p.grad for p in p_in.values()]
         return out, grads
@@ -177,12 +186,18 @@ def _trace(train_step, model, optimizer, params, buffers, example_args) -> Train
             f"tracing train_step failed: {type(error).__name__}: {error}\n" + _why_tracing_failed(model)
         ) from error
     _check_graph(gm, watch)
+    changed = changed_hyperparameter(watch.hyperparameters, hyperparameters(optimizer))
+    if changed:
+        raise CaptureError(
+            f"train_step changed the optimizer's settings after optimizer.step() ({changed}), but a "
+            "graph holds them as constants: step learning-rate schedulers outside train_step, and "
+            "capture again when they change the settings.")
 
     roles = _InputRoles(params, buffers, states, example_args)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return TrainStepGraph(gm, model, optimizer, list(params), list(buffers), state_keys,
                           {n.name: role for n, role in zip(placeholders, roles.flat)},
-                          lifetimes.freed_after(gm.graph.output_node()))
+                          lifetimes.freed_after(gm.graph.output_node()), watch.hyperparameters)
 
 
 class _InputRoles:
@@ -205,10 +220,12 @@ class _StepWatch:
         self.optimizer = optimizer
         self.steps = 0
         self.steps_with_grads = 0
+        self.hyperparameters: list[dict] = []
         self._in_step = contextlib.ExitStack()
 
     def _pre_hook(self, optimizer, args, kwargs):
         self.steps += 1
+        self.hyperparameters = hyperparameters(optimizer)  # the values the graph takes
         if any(p.grad is not None for g in optimizer.param_groups for p in g["params"]):
             self.steps_with_grads += 1
         self._in_step.enter_context(_traceable_optimizer_step())
@@ -239,6 +256,30 @@ def _traceable_optimizer_step():
         yield
     finally:
         torch.compiler._is_compiling_flag, adam_module._get_value = compiling, get_value
+
+
+@contextlib.contextmanager
+def _grad_scaler_refused():
+    """An enabled GradScaler keeps its scale and growth tracker outside the
+    model and optimizer, where a graph cannot take them as inputs: traced,
+    the scale would be a constant of the graph and a fake tensor would be
+    left in the user's scaler. Refuse it, naming the ways out."""
+    scale = torch.amp.GradScaler.scale
+
+    def refuse(scaler, outputs):
+        if not scaler.is_enabled():
+            return scale(scaler, outputs)
+        raise CaptureError(
+            "train_step uses torch.amp.GradScaler, whose scale lives outside the model and the "
+            "optimizer, where a captured graph cannot follow it: profile the step through "
+            "torch.compile(model, backend='mutwo_profile'), which leaves the scaler eager, or "
+            "capture it without the scaler (bf16 autocast needs none).")
+
+    torch.amp.GradScaler.scale = refuse
+    try:
+        yield
+    finally:
+        torch.amp.GradScaler.scale = scale
 
 
 @contextlib.contextmanager

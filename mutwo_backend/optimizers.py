@@ -56,6 +56,25 @@ def check_supported(optimizer: Optimizer, model_params: list[torch.Tensor]) -> N
                 )
 
 
+def hyperparameters(optimizer: Optimizer) -> list[dict]:
+    """Each parameter group's settings (lr, betas, weight_decay, ...), without
+    its parameters and tensors: a captured graph holds them as constants."""
+    return [{key: value for key, value in group.items()
+             if key != "params" and not isinstance(value, torch.Tensor)}
+            for group in optimizer.param_groups]
+
+
+def changed_hyperparameter(traced: list[dict], now: list[dict]) -> str | None:
+    """``"param_groups[i]['key']: traced -> now"`` for the first traced
+    setting that differs, or None. Keys added later (a scheduler's
+    ``initial_lr``) are not read by the traced step."""
+    for index, (old, new) in enumerate(zip(traced, now)):
+        for key in old:
+            if old[key] != new.get(key):
+                return f"param_groups[{index}][{key!r}]: {old[key]!r} -> {new.get(key)!r}"
+    return None
+
+
 def init_state(optimizer: Optimizer) -> list[tuple[torch.Tensor, str]]:
     """Create missing optimizer state exactly as the optimizer's first step would
     before updating, without touching parameters. Returns what was created, so a

@@ -317,6 +317,13 @@ def sep_on_a_dict(model, optimizer, x, y):
     optimizer.step()
 
 
+def decays_lr_inside(model, optimizer, x, y):
+    nn.functional.cross_entropy(mutwo_backend.sep(model(x)), y).backward()
+    optimizer.step()
+    for group in optimizer.param_groups:  # what a scheduler's step() does
+        group["lr"] *= 0.5
+
+
 def snapshot(model, optimizer):
     return (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
             [list(g["params"]) for g in optimizer.param_groups], dict(optimizer.state))
@@ -337,6 +344,7 @@ def assert_unchanged(before, model, optimizer):
     (loss_ignores_sep, "does not depend on the output of mutwo_backend.sep"),
     (reads_a_value, "must not read tensor values"),
     (sep_on_a_dict, "not a dict: pass the tensor the loss is computed from, e.g. sep(out.logits)"),
+    (decays_lr_inside, "step learning-rate schedulers outside train_step"),
 ])
 def test_bad_train_step_raises_and_leaves_model_unchanged(bad_step, message):
     model, (inputs, targets), _ = zoo_case("mlp", 4)
@@ -360,6 +368,51 @@ def test_unsupported_optimizer_or_groups_raise(make_optimizer, message):
     with pytest.raises(CaptureError, match=message):
         capture_train_step(zoo_train_step(spec), model, optimizer, inputs, targets)
     assert_unchanged(before, model, optimizer)
+
+
+def test_a_changed_learning_rate_stops_the_graph_before_it_trains():
+    """The graph holds the optimizer's settings as constants: run after a
+    scheduler changed lr, it would train with the old one."""
+    model, (inputs, targets), spec = zoo_case("mlp", 4)
+    model.eval()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = capture_train_step(zoo_train_step(spec), model, optimizer, inputs, targets)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)  # adds initial_lr, keeps lr
+    step(inputs, targets)
+    scheduler.step()  # lr 0.1 -> 0.01
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(CaptureError, match=r"param_groups\[0\]\['lr'\]: 0.1 -> 0.01"):
+        step(inputs, targets)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    step = capture_train_step(zoo_train_step(spec), model, optimizer, inputs, targets)
+    step(inputs, targets)  # captured again, it runs
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_an_enabled_grad_scaler_is_refused_and_left_untouched(enabled):
+    """With fused Adam the step used to trace, keeping the scale as a graph
+    constant and leaving a fake tensor in the user's scaler."""
+    model, (inputs, targets), _ = zoo_case("mlp", 4)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    scaler = torch.amp.GradScaler("cpu", enabled=enabled)
+
+    def scaled_step(model, optimizer, x, y):
+        loss = nn.functional.cross_entropy(mutwo_backend.sep(model(x)), y)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad()
+        return loss
+
+    if enabled:
+        before = snapshot(model, optimizer)
+        with pytest.raises(CaptureError, match="GradScaler.*backend='mutwo_profile'"):
+            capture_train_step(scaled_step, model, optimizer, inputs, targets)
+        assert_unchanged(before, model, optimizer)
+        assert scaler._scale is None
+    else:
+        capture_train_step(scaled_step, model, optimizer, inputs, targets)(inputs, targets)
+    assert torch.amp.GradScaler.scale.__name__ == "scale"
 
 
 def test_inputs_on_another_device_raise():
