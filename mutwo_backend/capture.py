@@ -177,7 +177,9 @@ def _trace(train_step, model, optimizer, params, buffers, example_args) -> Train
         return out, grads
 
     try:
-        gm = make_fx(traced_step, tracing_mode="fake",
+        # Tensors that are neither inputs nor made by the step (a plain tensor
+        # attribute of the model, a loss's class weights) become graph constants.
+        gm = make_fx(traced_step, tracing_mode="fake", _allow_non_fake_inputs=True,
                      decomposition_table=CAPTURE_DECOMPOSITIONS)(params, buffers, states, example_args)
     except CaptureError:
         raise
@@ -326,8 +328,7 @@ def _why_tracing_failed(model: nn.Module) -> str:
                 "fake tensors the capture traces with (a PyTorch limitation). Capture it on the CPU, "
                 "where the step traces.")
     return ("The capture runs train_step once on fake tensors: it must not read tensor values "
-            "(.item(), print of a tensor, if on a tensor) and must use only the model, the "
-            "optimizer and its arguments.")
+            "(.item(), print of a tensor, if on a tensor).")
 
 
 def _check_devices(params, buffers, args) -> None:

@@ -63,6 +63,26 @@ def lstm_case():
     return LSTMClassifier(), (torch.randint(0, 20, (4, 6)), torch.randint(0, 10, (4,))), get_model("mlp")
 
 
+class ConstantAndCheckpoint(nn.Module):
+    """A plain tensor attribute (not a buffer: a constant of the graph) and
+    activation checkpointing (its recomputation traced into backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.head = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 10)
+        self.scale = torch.linspace(0.5, 1.5, 32)
+
+    def block(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+    def forward(self, x):
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x * self.scale, use_reentrant=False))
+
+
+def constant_and_checkpoint_case():
+    return ConstantAndCheckpoint(), (torch.randn(8, 32), torch.randint(0, 10, (8,))), get_model("mlp")
+
+
 def zoo_case(name, batch_size, seq_len=16):
     spec = get_model(name)
     return spec.build(), spec.make_batch(batch_size, seq_len, torch.device("cpu")), spec
@@ -72,6 +92,7 @@ CASES = {
     "mlp": lambda: zoo_case("mlp", 8),
     "small-cnn": small_cnn_case,
     "lstm": lstm_case,
+    "constant-and-checkpoint": constant_and_checkpoint_case,
     "resnet18": lambda: zoo_case("resnet18", 2),
     "bert-tiny": lambda: zoo_case("bert-tiny", 2),
 }
