@@ -88,7 +88,7 @@ def map_storages(nodes: tuple[fx.Node, ...]) -> StorageMap:
             key = aliases.get(storage._cdata, storage._cdata)
             if key not in creator:
                 creator[key] = node
-                nbytes[key] = storage.nbytes()
+                nbytes[key] = _concrete_bytes(storage.nbytes(), node)
             if key not in keys:
                 keys.append(key)
         if isinstance(value, torch.Tensor) and keys[0] not in owner:
@@ -98,3 +98,19 @@ def map_storages(nodes: tuple[fx.Node, ...]) -> StorageMap:
             refs[node] = tuple(keys)
     return StorageMap(MappingProxyType(refs), MappingProxyType(creator), MappingProxyType(owner),
                       MappingProxyType(nbytes))
+
+
+def _concrete_bytes(size, node: fx.Node) -> int:
+    """A storage's size in bytes. A graph compiled with dynamic shapes (dynamo
+    recompiles so when a batch size changes) has symbolic sizes: take the
+    size of the example it was compiled for."""
+    if not isinstance(size, torch.SymInt):
+        return size
+    hint = size.node.hint
+    if hint is None:
+        try:
+            hint = size.node.shape_env.size_hint(size.node.expr)
+        except Exception as error:
+            raise AnalysisError(f"node {node.name} allocates {size} bytes, a size that depends on "
+                                "tensor values and has no example: the passes cannot size it.") from error
+    return int(hint)

@@ -142,6 +142,38 @@ def test_graph_break_gives_two_graphs_in_execution_order():
     assert any("graph break" in note for note in report["meta"]["notes"])
 
 
+def test_a_changing_batch_size_is_profiled_with_the_recompiled_dynamic_graph():
+    """A second batch size makes dynamo recompile with symbolic shapes (the
+    default automatic_dynamic_shapes), as a smaller last batch of an epoch
+    does; its storage sizes are symbolic. The report sizes them for the batch
+    the graph was compiled for: the same as a graph compiled for that batch
+    alone. (It used to crash the user's training.)"""
+    spec = get_model("mlp")
+
+    def profile(batches):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = spec.build().eval()
+        compiled = torch.compile(model, backend="mutwo_profile", options={"warmup": 1, "iters": 2})
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        for batch in batches:
+            inputs, targets = spec.make_batch(batch, 0, torch.device("cpu"))
+            train_loop_with(compiled, optimizer, spec, inputs, targets, steps=1)
+        return model, mutwo_backend.get_report(compiled).to_dict()
+
+    model, dynamic = profile([4, 8, 8, 8])
+    _, static = profile([8, 8, 8])
+    assert dynamic["memory"]["peak_bytes"] == static["memory"]["peak_bytes"]
+    assert [a["memory_bytes"] for a in dynamic["activations"]] == [a["memory_bytes"] for a in static["activations"]]
+    torch.manual_seed(0)
+    eager = spec.build().eval()
+    optimizer = torch.optim.SGD(eager.parameters(), lr=0.1)
+    for batch in [4, 8, 8, 8]:
+        inputs, targets = spec.make_batch(batch, 0, torch.device("cpu"))
+        train_loop_with(eager, optimizer, spec, inputs, targets, steps=1)
+    assert max((p - q).abs().max().item() for p, q in zip(model.parameters(), eager.parameters())) <= 1e-6
+
+
 class ParameterFreeAfterBreak(nn.Module):
     """The graph after the break has no parameter, as HF GPT-2's loss with
     labels= or code after a print."""
