@@ -351,7 +351,9 @@ def _check_graph(gm: fx.GraphModule, watch: _StepWatch) -> None:
                            "the loss from `out`.")
     if targets[SEP] > 1:
         raise CaptureError(f"train_step called mutwo_backend.sep {targets[SEP]} times: call it "
-                           "exactly once, on the model output, before the loss.")
+                           "exactly once, on the model output, before the loss. With gradient "
+                           "accumulation, capture a step of one micro-batch (forward, backward, "
+                           "optimizer step), or profile through torch.compile(backend='mutwo_profile').")
     if watch.steps == 0:
         raise CaptureError("train_step never called optimizer.step(): call it after "
                            "loss.backward() so the graph holds the optimizer update.")

@@ -345,6 +345,12 @@ def decays_lr_inside(model, optimizer, x, y):
         group["lr"] *= 0.5
 
 
+def accumulates_two_micro_batches(model, optimizer, x, y):
+    for half in (slice(0, 2), slice(2, 4)):
+        nn.functional.cross_entropy(mutwo_backend.sep(model(x[half])), y[half]).backward()
+    optimizer.step()
+
+
 def snapshot(model, optimizer):
     return (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()),
             [list(g["params"]) for g in optimizer.param_groups], dict(optimizer.state))
@@ -366,6 +372,7 @@ def assert_unchanged(before, model, optimizer):
     (reads_a_value, "must not read tensor values"),
     (sep_on_a_dict, "not a dict: pass the tensor the loss is computed from, e.g. sep(out.logits)"),
     (decays_lr_inside, "step learning-rate schedulers outside train_step"),
+    (accumulates_two_micro_batches, "sep 2 times.*With gradient accumulation, capture a step of one micro-batch"),
 ])
 def test_bad_train_step_raises_and_leaves_model_unchanged(bad_step, message):
     model, (inputs, targets), _ = zoo_case("mlp", 4)
