@@ -107,9 +107,22 @@ def get_report(compiled_model) -> Report | None:
         log.warning(_no_graph_hint(module))
         return None
     graphs = [g for session in sessions.values() for g in session.graphs]
+    session = next(iter(sessions.values()))
     if not any(g.report for g in graphs):
+        log.warning(_not_measured_yet(graphs, session.options))
         return None
-    return _combine_graphs(graphs, next(iter(sessions.values())))
+    return _combine_graphs(graphs, session)
+
+
+def _not_measured_yet(graphs: list["DynamoGraph"], options: BackendOptions) -> str:
+    needed = options.warmup + options.iters
+    training = [g for g in graphs if g.analysis is not None]
+    if not training:
+        return ("no report yet: the model has only run without gradients (torch.no_grad(), "
+                "inference); mutwo measures training steps, forward and backward.")
+    done = max(g.iterations for g in training)
+    return (f"no report yet: a graph is measured after {needed} training steps (warmup "
+            f"{options.warmup} + iters {options.iters}), and this model's has run {done}.")
 
 
 def _no_graph_hint(module: torch.nn.Module) -> str:

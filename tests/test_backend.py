@@ -255,6 +255,19 @@ def test_a_model_dynamo_does_not_compile_gets_a_hint(caplog):
     assert "dynamo does not compile LSTM unless torch._dynamo.config.allow_rnn = True" in caplog.text
 
 
+def test_get_report_before_a_measurement_says_why_there_is_none(caplog):
+    spec = get_model("mlp")
+    compiled = torch.compile(spec.build(), backend="mutwo_profile", options={"warmup": 1, "iters": 3})
+    inputs, targets = spec.make_batch(4, 0, torch.device("cpu"))
+    with torch.no_grad():
+        compiled(inputs)
+    assert mutwo_backend.get_report(compiled) is None
+    assert "only run without gradients" in caplog.text
+    spec.loss(compiled(inputs), targets).backward()
+    assert mutwo_backend.get_report(compiled) is None
+    assert "measured after 4 training steps (warmup 1 + iters 3), and this model's has run 1" in caplog.text
+
+
 def test_unknown_option_lists_valid_ones():
     compiled = torch.compile(nn.Linear(2, 2), backend="mutwo_profile", options={"warmpu": 1})
     with pytest.raises(Exception, match="unknown mutwo_profile option.*'warmpu'.*valid options are warmup, iters"):
