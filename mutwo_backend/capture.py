@@ -63,7 +63,8 @@ class TrainStepGraph:
     def __init__(self, gm: fx.GraphModule, model: nn.Module, optimizer: torch.optim.Optimizer,
                  param_names: list[str], buffer_names: list[str],
                  state_keys: dict[str, list[str]], placeholder_roles: dict[str, InputRole],
-                 freed_after: dict[str, str], traced_hyperparameters: list[dict]):
+                 freed_after: dict[str, str], traced_hyperparameters: list[dict],
+                 traced_arguments: dict[str, object]):
         self.gm = gm
         self.model = model
         self.optimizer = optimizer
@@ -73,8 +74,9 @@ class TrainStepGraph:
         self.placeholder_roles = placeholder_roles
         # node name -> the node after which eager drops its last reference (lifetimes.py)
         self.freed_after = freed_after
-        # the optimizer's settings the graph holds as constants
+        # the optimizer's settings and the non-tensor arguments the graph holds as constants
         self.traced_hyperparameters = traced_hyperparameters
+        self.traced_arguments = traced_arguments
 
     @property
     def hints(self) -> GraphHints:
@@ -110,6 +112,11 @@ class TrainStepGraph:
                 f"the optimizer's settings changed since the capture ({changed}), but the graph holds "
                 "them as constants (a learning-rate scheduler, say): capture the step again after "
                 "changing them, or train eagerly.")
+        changed = _changed_argument(self.traced_arguments, _non_tensor_arguments(args))
+        if changed:
+            raise CaptureError(
+                f"train_step's argument {changed}, but the graph holds non-tensor arguments as "
+                "constants: pass the value as a tensor, or capture the step again.")
         # Detached inputs, not no_grad: the graph's ops then build no autograd
         # graph and may update parameters in place, and kernels that behave
         # differently under no_grad (CPU LSTM keeps no workspace for its
@@ -199,7 +206,27 @@ def _trace(train_step, model, optimizer, params, buffers, example_args) -> Train
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return TrainStepGraph(gm, model, optimizer, list(params), list(buffers), state_keys,
                           {n.name: role for n, role in zip(placeholders, roles.flat)},
-                          lifetimes.freed_after(gm.graph.output_node()), watch.hyperparameters)
+                          lifetimes.freed_after(gm.graph.output_node()), watch.hyperparameters,
+                          _non_tensor_arguments(example_args))
+
+
+def _non_tensor_arguments(args) -> dict[str, object]:
+    """``{"args[i]...": value}`` for every argument leaf that is not a tensor."""
+    return {"args" + pytree.keystr(path): leaf for path, leaf in pytree.tree_flatten_with_path(tuple(args))[0]
+            if not isinstance(leaf, torch.Tensor)}
+
+
+def _changed_argument(traced: dict[str, object], now: dict[str, object]) -> str | None:
+    """``"args[i] was X when captured and is Y now"`` for the first that differs."""
+    for path in sorted(traced.keys() | now.keys()):
+        old, new = traced.get(path), now.get(path)
+        try:
+            same = old is new or bool(old == new)
+        except Exception:  # values whose == is not a truth value (arrays)
+            same = False
+        if not same:
+            return f"{path} was {old!r} when captured and is {new!r} now"
+    return None
 
 
 class _InputRoles:

@@ -71,7 +71,8 @@ def _tensors(value) -> Iterator[torch.Tensor]:
 
 
 def map_storages(nodes: tuple[fx.Node, ...]) -> StorageMap:
-    missing = [n.name for n in nodes if n.op == "placeholder" and "val" not in n.meta]
+    # (an input nothing reads, such as a string argument, needs no value)
+    missing = [n.name for n in nodes if n.op == "placeholder" and "val" not in n.meta and n.users]
     if missing:
         raise AnalysisError(
             f"placeholder(s) {', '.join(missing[:5])} carry no meta['val']: the passes read sizes "

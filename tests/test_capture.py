@@ -443,6 +443,33 @@ def test_an_enabled_grad_scaler_is_refused_and_left_untouched(enabled):
     assert torch.amp.GradScaler.scale.__name__ == "scale"
 
 
+def test_non_tensor_arguments_are_constants_the_graph_checks():
+    """A float, a string and a dict of tensors as arguments: the graph holds
+    the non-tensor ones as constants, so another value must not run
+    silently with the old one (a string argument used to fail the passes)."""
+    model, (inputs, targets), spec = zoo_case("mlp", 4)
+    model.eval()
+    eager_model = copy.deepcopy(model)
+
+    def weighted_step(model, optimizer, batch, weight, note):
+        loss = weight * nn.functional.cross_entropy(mutwo_backend.sep(model(batch["x"])), batch["y"])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        return loss
+
+    batch = {"x": inputs, "y": targets}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    report = mutwo_backend.profile_train_step(weighted_step, model, optimizer, batch, 0.5, "a note",
+                                              warmup=0, iters=1)
+    weighted_step(eager_model, torch.optim.SGD(eager_model.parameters(), lr=0.1), batch, 0.5, "a note")
+    assert report.to_dict()["memory"]["peak_bytes"] > 0
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), eager_model.parameters()))
+    step = capture_train_step(weighted_step, model, optimizer, batch, 0.5, "a note")
+    with pytest.raises(CaptureError, match=r"args\[1\] was 0.5 when captured and is 0.25 now"):
+        step(batch, 0.25, "a note")
+
+
 def test_inputs_on_another_device_raise():
     model, (inputs, targets), spec = zoo_case("mlp", 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
