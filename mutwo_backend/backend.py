@@ -1,14 +1,15 @@
 """The torch.compile backend "mutwo_profile".
 
 Dynamo hands each captured graph to ``mutwo_profile``; AOTAutograd traces
-the joint forward+backward graph, which ``passes.run_pipeline`` analyses
-(parameters and buffers known from dynamo's inputs), then partitions it with
-its default partitioner. The forward and backward graphs run as they are
-for ``warmup`` iterations, then through the profiling interpreter for
-``iters``; their nodes
-keep the joint graph's names, so their times map onto the joint analysis and
-liveness, inactive times and swap points span both. Afterwards the graphs
-run uninstrumented (``after="run"``) or keep being profiled (``"keep"``).
+the joint forward+backward graph and partitions it with its default
+partitioner. The program that makes, the forward graph followed by the
+backward graph (partitioned.py), is what ``passes.run_pipeline`` analyses
+(parameters and buffers known from dynamo's inputs). The forward and
+backward graphs run as they are for ``warmup`` iterations, then through the
+profiling interpreter for ``iters``; their nodes map by name onto the
+analysed program, so liveness, inactive times and swap points span both.
+Afterwards the graphs run uninstrumented (``after="run"``) or keep being
+profiled (``"keep"``).
 
 A compiled model's report is reachable through ``get_report(compiled_model)``:
 sessions are looked up weakly by the model's parameters, so nothing outlives
@@ -33,6 +34,7 @@ from passes import GraphHints, NodeType, run_pipeline
 
 from .errors import MutwoError
 from .interpreter import AllocatorReadings, IterationRecord, ProfilingInterpreter
+from .partitioned import stitch
 from .profiler import SWAP_MODES, build_report, check_iterations, swap_points
 from .report import SCHEMA, Report
 from .statistics import Statistics
@@ -191,7 +193,7 @@ class ProfileSession:
 
 
 class DynamoGraph:
-    """One dynamo graph: its joint analysis and its profiled fw/bw graphs."""
+    """One dynamo graph: the analysis of its partitioned program and its profiled fw/bw graphs."""
 
     def __init__(self, session: ProfileSession, index: int, example_inputs):
         self.session, self.index = session, index
@@ -218,11 +220,17 @@ class DynamoGraph:
     # --- AOTAutograd hooks ---------------------------------------------------
 
     def partition(self, joint: fx.GraphModule, joint_inputs, *, num_fwd_outputs, **kwargs):
+        """AOTAutograd's default partition, and the analysis of the program it
+        makes (partitioned.py): what it saves and recomputes for backward."""
         static = kwargs.get("static_lifetime_input_indices") or []
-        self.analysis = run_pipeline(joint, self._hints(joint, num_fwd_outputs, static),
-                                     allocator_rounding=self.device.type == "cuda")
         forward, backward = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
-        self.rank_by_name = {n.name: self.analysis.rank[n] for n in self.analysis.nodes}
+        program = stitch(forward, backward, num_fwd_outputs)
+        self.analysis = run_pipeline(program.graph, self._hints(program.graph, num_fwd_outputs, static),
+                                     allocator_rounding=self.device.type == "cuda")
+        rank = {n.name: self.analysis.rank[n] for n in self.analysis.nodes}
+        self.names = {True: program.forward_names, False: program.backward_names}
+        self.rank_of = {forward: {name: rank[ours] for name, ours in names.items()}
+                        for forward, names in self.names.items()}
         return forward, backward
 
     def compile_forward(self, gm: fx.GraphModule, example_inputs):
@@ -237,10 +245,10 @@ class DynamoGraph:
 
     # --- running ------------------------------------------------------------
 
-    def _hints(self, joint: fx.GraphModule, num_fwd_outputs: int, static_indices) -> GraphHints:
+    def _hints(self, program: fx.GraphModule, num_fwd_outputs: int, static_indices) -> GraphHints:
         """Parameters are dynamo inputs of type Parameter; buffers are the other
         inputs AOTAutograd marks static (their lifetime is the model's)."""
-        primals = [n for n in joint.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
+        primals = [n for n in program.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
         params, buffers, frozen = set(), set(), set()
         for index, (node, (is_param, requires_grad)) in enumerate(zip(primals, self.input_roles)):
             if is_param:
@@ -253,13 +261,16 @@ class DynamoGraph:
                           frozen_params=frozenset(frozen), num_fwd_outputs=num_fwd_outputs)
 
     def _runner(self, gm: fx.GraphModule, forward: bool):
-        swap_out, swap_in = swap_points(self.analysis, {n.name for n in gm.graph.nodes})
-        interpreter = ProfilingInterpreter(gm, self.device, self.timer, swap_out if forward else {},
-                                           {} if forward else swap_in,
+        names = self.names[forward]  # this graph's node names -> the analysed program's
+        ours = {names[n.name]: n.name for n in gm.graph.nodes if n.name in names}
+        swap_out, swap_in = swap_points(self.analysis, set(ours))
+        swaps = {ours[at]: values for at, values in (swap_out if forward else swap_in).items()}
+        interpreter = ProfilingInterpreter(gm, self.device, self.timer, swaps if forward else {},
+                                           {} if forward else swaps,
                                            measure_swaps=self.options.swap == "measure")
-        # joint rank of each interpreted node that computes something
-        ranks = np.array([self.rank_by_name.get(n.name, -1) if n.op not in ("placeholder", "output") else -1
-                          for n in interpreter.nodes])
+        # rank in the analysed program of each interpreted node that computes something
+        ranks = np.array([self.rank_of[forward].get(n.name, -1) if n.op not in ("placeholder", "output")
+                          else -1 for n in interpreter.nodes])
         fast = _boxed(gm)
         allocator = AllocatorReadings(self.device) if self.device.type == "cuda" else None
 
@@ -304,7 +315,7 @@ class DynamoGraph:
 
 def _joint_record(count: int, parts) -> IterationRecord:
     """Place the per-node records of the forward and backward graphs at their
-    joint ranks; nodes of neither (placeholders) take 0 ms, and the allocator
+    ranks in the analysed program; nodes of neither (placeholders) take 0 ms, and the allocator
     readings of the previous executed node."""
     run_time = np.zeros(count)
     memory = None

@@ -80,20 +80,41 @@ def saved_for_backward(model, inputs):
     return set(saved)
 
 
-@pytest.mark.parametrize("name", ["mlp", "resnet18"])
+class Checkpointed(nn.Module):
+    """Activation checkpointing: default_partition saves the block's input
+    and recomputes the block in backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down, self.head = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 10)
+
+    def block(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+    def forward(self, x):
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet18", "checkpointed"])
 def test_report_activations_equal_default_partition_saved_values(name):
     """resnet18: batch norm's running statistics are updated by copy_ nodes at
-    the end of the joint graph, after backward; they must not hide the cut."""
-    spec = get_model(name)
+    the end of the joint graph, after backward; they must not hide the cut.
+    checkpointed: the values recomputed in backward are no activations, and
+    their recomputation is in the report's backward region."""
+    spec = get_model("mlp" if name == "checkpointed" else name)
     torch.manual_seed(0)
-    model = spec.build()
+    model = Checkpointed() if name == "checkpointed" else spec.build()
     inputs, targets = spec.make_batch(4, 0, torch.device("cpu"))
     expected = saved_for_backward(copy.deepcopy(model), inputs)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="mutwo_profile", options={"warmup": 0, "iters": 1})
     train_loop(compiled, spec, inputs, targets, steps=1)
-    acts = {a["name"] for a in mutwo_backend.get_report(compiled).to_dict()["activations"]}
+    report = mutwo_backend.get_report(compiled).to_dict()
+    acts = {a["name"] for a in report["activations"]}
     assert expected and acts == expected
+    relus = [n["region"] for n in report["nodes"] if n["target"] == "relu.default"]
+    if name == "checkpointed":
+        assert relus == ["forward", "backward"]
 
 
 def mutwo_entry_point_installed() -> bool:
