@@ -24,6 +24,7 @@ from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from passes.hints import GraphHints
 
@@ -178,7 +179,7 @@ def _trace(train_step, model, optimizer, params, buffers, example_args) -> Train
     def traced_step(p_in, b_in, s_in, args):
         with _reparametrize_module(model, {**p_in, **b_in}, tie_weights=True), \
                 _optimizer_on(optimizer, name_of, p_in, s_in), _fake_tensors_pass_foreach_checks(), \
-                _grad_scaler_refused(), watch, lifetimes:
+                _grad_scaler_refused(), watch, lifetimes, _WritesToConstantsRefused():
             out = train_step(model, optimizer, *args)
             grads = [p.grad for p in p_in.values()]
         return out, grads
@@ -285,6 +286,27 @@ def _traceable_optimizer_step():
         yield
     finally:
         torch.compiler._is_compiling_flag, adam_module._get_value = compiling, get_value
+
+
+class _WritesToConstantsRefused(TorchDispatchMode):
+    """A tensor that is neither an input of the graph nor made by the step
+    (a plain tensor attribute) is a constant of the graph, and make_fx runs
+    ops on constants for real: an in-place update of one (a counter) would
+    change the user's tensor while tracing. Refuse it before it runs."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.is_mutable:
+            for index, argument in enumerate(func._schema.arguments):
+                value = args[index] if index < len(args) else kwargs.get(argument.name)
+                written = argument.alias_info is not None and argument.alias_info.is_write
+                if written and isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
+                    raise CaptureError(
+                        f"train_step updates in place ({func.overloadpacket.__name__}) a tensor of shape "
+                        f"{tuple(value.shape)} that is not a parameter, buffer, optimizer state or "
+                        "argument of the step: register it as a buffer (module.register_buffer) or "
+                        "pass it as an argument, so that the graph takes it as an input.")
+        return func(*args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -470,6 +470,29 @@ def test_non_tensor_arguments_are_constants_the_graph_checks():
         step(batch, 0.25, "a note")
 
 
+class CountsCalls(nn.Module):
+    """A counter in a plain tensor attribute, updated in place: a constant of
+    the graph, which make_fx would update for real while tracing."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(32, 10)
+        self.calls = torch.zeros(())
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.linear(x)
+
+
+def test_an_in_place_update_of_a_constant_is_refused_before_it_runs():
+    model = CountsCalls()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    inputs, targets = torch.randn(4, 32), torch.randint(0, 10, (4,))
+    with pytest.raises(CaptureError, match=r"updates in place \(add_\).*register_buffer"):
+        capture_train_step(zoo_train_step(get_model("mlp")), model, optimizer, inputs, targets)
+    assert model.calls.item() == 0
+
+
 def test_inputs_on_another_device_raise():
     model, (inputs, targets), spec = zoo_case("mlp", 4)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
