@@ -207,6 +207,7 @@ class DynamoGraph:
         param_ids = frozenset(id(t) for t in example_inputs if isinstance(t, torch.nn.Parameter))
         # recompilations of one graph (new shapes, new constants) share its parameters
         self.key = param_ids or id(self)
+        self.program = None  # set with the analysis, when AOTAutograd partitions a training graph
         self.analysis = None
         self.report = None
         self.first_run = None
@@ -224,13 +225,10 @@ class DynamoGraph:
         makes (partitioned.py): what it saves and recomputes for backward."""
         static = kwargs.get("static_lifetime_input_indices") or []
         forward, backward = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
-        program = stitch(forward, backward, num_fwd_outputs)
-        self.analysis = run_pipeline(program.graph, self._hints(program.graph, num_fwd_outputs, static),
+        self.program = stitch(forward, backward, num_fwd_outputs)
+        graph = self.program.graph
+        self.analysis = run_pipeline(graph, self._hints(graph, num_fwd_outputs, static),
                                      allocator_rounding=self.device.type == "cuda")
-        rank = {n.name: self.analysis.rank[n] for n in self.analysis.nodes}
-        self.names = {True: program.forward_names, False: program.backward_names}
-        self.rank_of = {forward: {name: rank[ours] for name, ours in names.items()}
-                        for forward, names in self.names.items()}
         return forward, backward
 
     def compile_forward(self, gm: fx.GraphModule, example_inputs):
@@ -261,15 +259,17 @@ class DynamoGraph:
                           frozen_params=frozenset(frozen), num_fwd_outputs=num_fwd_outputs)
 
     def _runner(self, gm: fx.GraphModule, forward: bool):
-        names = self.names[forward]  # this graph's node names -> the analysed program's
+        # this graph's node names -> the analysed program's
+        names = self.program.forward_names if forward else self.program.backward_names
         ours = {names[n.name]: n.name for n in gm.graph.nodes if n.name in names}
+        rank = {n.name: r for n, r in self.analysis.rank.items()}
         swap_out, swap_in = swap_points(self.analysis, set(ours))
         swaps = {ours[at]: values for at, values in (swap_out if forward else swap_in).items()}
         interpreter = ProfilingInterpreter(gm, self.device, self.timer, swaps if forward else {},
                                            {} if forward else swaps,
                                            measure_swaps=self.options.swap == "measure")
         # rank in the analysed program of each interpreted node that computes something
-        ranks = np.array([self.rank_of[forward].get(n.name, -1) if n.op not in ("placeholder", "output")
+        ranks = np.array([rank[names[n.name]] if n.op not in ("placeholder", "output") and n.name in names
                           else -1 for n in interpreter.nodes])
         fast = _boxed(gm)
         allocator = AllocatorReadings(self.device) if self.device.type == "cuda" else None
