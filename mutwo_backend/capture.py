@@ -31,8 +31,8 @@ from passes.hints import GraphHints
 from . import separator  # noqa: F401  (defines torch.ops.separator)
 from .errors import CaptureError
 from .lifetimes import EagerLifetimes
-from .optimizers import (CAPTURE_DECOMPOSITIONS, EagerOptimizer, changed_hyperparameter, check_supported,
-                         hyperparameters, init_state, remove_state)
+from .optimizers import (CAPTURE_DECOMPOSITIONS, EagerOptimizer, check_supported, hyperparameters, init_state,
+                         remove_state)
 
 SEP = torch.ops.separator.sep.default
 SEP_BACKWARD = torch.ops.separator.sep_backward.default
@@ -64,7 +64,7 @@ class TrainStepGraph:
     def __init__(self, gm: fx.GraphModule, model: nn.Module, optimizer: torch.optim.Optimizer,
                  param_names: list[str], buffer_names: list[str],
                  state_keys: dict[str, list[str]], placeholder_roles: dict[str, InputRole],
-                 freed_after: dict[str, str], traced_hyperparameters: list[dict],
+                 freed_after: dict[str, str], traced_hyperparameters: dict[str, object],
                  traced_arguments: dict[str, object]):
         self.gm = gm
         self.model = model
@@ -107,17 +107,20 @@ class TrainStepGraph:
         """One real training iteration; ``executor`` (default: the graph's own
         code, fused Adam run in place) is called with the graph's inputs, e.g.
         an interpreter."""
-        changed = changed_hyperparameter(self.traced_hyperparameters, hyperparameters(self.optimizer))
+        changed = _changed_hyperparameter(self.traced_hyperparameters, hyperparameters(self.optimizer))
         if changed:
             raise CaptureError(
                 f"the optimizer's settings changed since the capture ({changed}), but the graph holds "
                 "them as constants (a learning-rate scheduler, say): capture the step again after "
                 "changing them, or train eagerly.")
-        changed = _changed_argument(self.traced_arguments, _non_tensor_arguments(args))
+        now = _non_tensor_arguments(args)
+        changed = _first_change(self.traced_arguments, now, sorted(self.traced_arguments.keys() | now.keys()))
         if changed:
+            path, old, new = changed
             raise CaptureError(
-                f"train_step's argument {changed}, but the graph holds non-tensor arguments as "
-                "constants: pass the value as a tensor, or capture the step again.")
+                f"train_step's argument {path} was {old!r} when captured and is {new!r} now, but the "
+                "graph holds non-tensor arguments as constants: pass the value as a tensor, or "
+                "capture the step again.")
         # Detached inputs, not no_grad: the graph's ops then build no autograd
         # graph and may update parameters in place, and kernels that behave
         # differently under no_grad (CPU LSTM keeps no workspace for its
@@ -196,7 +199,7 @@ def _trace(train_step, model, optimizer, params, buffers, example_args) -> Train
             f"tracing train_step failed: {type(error).__name__}: {error}\n" + _why_tracing_failed(model)
         ) from error
     _check_graph(gm, watch)
-    changed = changed_hyperparameter(watch.hyperparameters, hyperparameters(optimizer))
+    changed = _changed_hyperparameter(watch.hyperparameters, hyperparameters(optimizer))
     if changed:
         raise CaptureError(
             f"train_step changed the optimizer's settings after optimizer.step() ({changed}), but a "
@@ -217,17 +220,29 @@ def _non_tensor_arguments(args) -> dict[str, object]:
             if not isinstance(leaf, torch.Tensor)}
 
 
-def _changed_argument(traced: dict[str, object], now: dict[str, object]) -> str | None:
-    """``"args[i] was X when captured and is Y now"`` for the first that differs."""
-    for path in sorted(traced.keys() | now.keys()):
-        old, new = traced.get(path), now.get(path)
+def _first_change(traced: dict[str, object], now: dict[str, object], keys) -> tuple[str, object, object] | None:
+    """``(key, traced value, value now)`` for the first of ``keys`` whose
+    value differs (a missing key counts as None), or None."""
+    for key in keys:
+        old, new = traced.get(key), now.get(key)
         try:
             same = old is new or bool(old == new)
         except Exception:  # values whose == is not a truth value (arrays)
             same = False
         if not same:
-            return f"{path} was {old!r} when captured and is {new!r} now"
+            return key, old, new
     return None
+
+
+def _changed_hyperparameter(traced: dict[str, object], now: dict[str, object]) -> str | None:
+    """``"param_groups[i]['key']: traced -> now"`` for the first traced
+    setting that differs. Keys added later (a scheduler's ``initial_lr``)
+    are not read by the traced step."""
+    changed = _first_change(traced, now, traced)
+    if changed is None:
+        return None
+    key, old, new = changed
+    return f"{key}: {old!r} -> {new!r}"
 
 
 class _InputRoles:
@@ -250,7 +265,7 @@ class _StepWatch:
         self.optimizer = optimizer
         self.steps = 0
         self.steps_with_grads = 0
-        self.hyperparameters: list[dict] = []
+        self.hyperparameters: dict[str, object] = {}
         self._in_step = contextlib.ExitStack()
 
     def _pre_hook(self, optimizer, args, kwargs):

@@ -56,23 +56,13 @@ def check_supported(optimizer: Optimizer, model_params: list[torch.Tensor]) -> N
                 )
 
 
-def hyperparameters(optimizer: Optimizer) -> list[dict]:
-    """Each parameter group's settings (lr, betas, weight_decay, ...), without
-    its parameters and tensors: a captured graph holds them as constants."""
-    return [{key: value for key, value in group.items()
-             if key != "params" and not isinstance(value, torch.Tensor)}
-            for group in optimizer.param_groups]
-
-
-def changed_hyperparameter(traced: list[dict], now: list[dict]) -> str | None:
-    """``"param_groups[i]['key']: traced -> now"`` for the first traced
-    setting that differs, or None. Keys added later (a scheduler's
-    ``initial_lr``) are not read by the traced step."""
-    for index, (old, new) in enumerate(zip(traced, now)):
-        for key in old:
-            if old[key] != new.get(key):
-                return f"param_groups[{index}][{key!r}]: {old[key]!r} -> {new.get(key)!r}"
-    return None
+def hyperparameters(optimizer: Optimizer) -> dict[str, object]:
+    """``{"param_groups[i]['lr']": value, ...}``: each group's settings
+    without its parameters and tensors, which a captured graph holds as
+    constants."""
+    return {f"param_groups[{index}][{key!r}]": value
+            for index, group in enumerate(optimizer.param_groups)
+            for key, value in group.items() if key != "params" and not isinstance(value, torch.Tensor)}
 
 
 def init_state(optimizer: Optimizer) -> list[tuple[torch.Tensor, str]]:
