@@ -22,6 +22,7 @@ import torch.utils._foreach_utils as foreach_utils
 import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx._lazy_graph_module import _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -31,8 +32,8 @@ from passes.hints import GraphHints
 from . import separator  # noqa: F401  (defines torch.ops.separator)
 from .errors import CaptureError
 from .lifetimes import EagerLifetimes
-from .optimizers import (CAPTURE_DECOMPOSITIONS, EagerOptimizer, check_supported, hyperparameters, init_state,
-                         remove_state)
+from .optimizers import (CAPTURE_DECOMPOSITIONS, EagerOptimizer, check_supported, functionalize_fused_steps,
+                         hyperparameters, init_state, remove_state)
 
 SEP = torch.ops.separator.sep.default
 SEP_BACKWARD = torch.ops.separator.sep_backward.default
@@ -190,14 +191,18 @@ def _trace(train_step, model, optimizer, params, buffers, example_args) -> Train
     try:
         # Tensors that are neither inputs nor made by the step (a plain tensor
         # attribute of the model, a loss's class weights) become graph constants.
-        gm = make_fx(traced_step, tracing_mode="fake", _allow_non_fake_inputs=True,
-                     decomposition_table=CAPTURE_DECOMPOSITIONS)(params, buffers, states, example_args)
+        # (a lazy GraphModule: its code is generated once, after the rewrite below)
+        with _use_lazy_graph_module(True):
+            traced = make_fx(traced_step, tracing_mode="fake", _allow_non_fake_inputs=True,
+                             decomposition_table=CAPTURE_DECOMPOSITIONS)(params, buffers, states, example_args)
     except CaptureError:
         raise
     except Exception as error:
         raise CaptureError(
             f"tracing train_step failed: {type(error).__name__}: {error}\n" + _why_tracing_failed(model)
         ) from error
+    functionalize_fused_steps(traced.graph)
+    gm = fx.GraphModule(traced, traced.graph)
     _check_graph(gm, watch)
     changed = _changed_hyperparameter(watch.hyperparameters, hyperparameters(optimizer))
     if changed:

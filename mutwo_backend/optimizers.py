@@ -7,7 +7,10 @@ creates state in its first iteration is not the graph of a steady training
 step.
 """
 
+import operator
+
 import torch
+from torch import fx
 from torch.optim import SGD, Adam, AdamW, Optimizer
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -114,26 +117,56 @@ def _initial_state(optimizer: Optimizer, group: dict, p: torch.Tensor) -> dict:
     return {}
 
 
-def _functional_fused(functional_op):
-    """Decomposition of an in-place fused Adam(W) op into its functional twin
-    plus one foreach copy back into parameters and state per list (and grads,
-    when unscaled): one node per list instead of one copy_ per tensor, which
-    for ResNet-152's 467 parameters spares 1,400 nodes to trace, analyse and
-    interpret."""
+# In-place fused Adam(W) ops -> their functional twins (the graph's optimizer node).
+FUNCTIONAL_FUSED = {
+    aten._fused_adam_.default: aten._fused_adam.default,
+    aten._fused_adam_.tensor_lr: aten._fused_adam.tensor_lr,
+    aten._fused_adamw_.default: aten._fused_adamw.default,
+    aten._fused_adamw_.tensor_lr: aten._fused_adamw.tensor_lr,
+}
 
-    def decomposition(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs):
-        new_params, new_grads, new_avgs, new_avg_sqs, new_max = functional_op(
-            params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, **kwargs
-        )
-        targets = [(params, new_params), (exp_avgs, new_avgs), (exp_avg_sqs, new_avg_sqs),
-                   (max_exp_avg_sqs, new_max)]
-        if kwargs.get("grad_scale") is not None:
-            targets.append((grads, new_grads))
-        for old_list, new_list in targets:
-            if old_list:
-                torch._foreach_copy_(old_list, new_list)
 
-    return decomposition
+def functionalize_fused_steps(graph: fx.Graph) -> None:
+    """Rewrite each traced in-place fused Adam(W) node as its functional twin
+    plus one foreach copy back into parameters and state per list (and
+    grads, when unscaled): one copy node per list instead of one copy_ per
+    tensor, which for ResNet-152's 467 parameters spares 1,400 nodes.
+
+    Done on the graph after tracing, not as a decomposition while tracing:
+    make_fx would wrap every output of the functional op (2,335 for
+    ResNet-152) in a fake tensor and a proxy, a fifth of the capture's time.
+    Here the outputs' values are the inputs' own fake tensors, which is what
+    they are when the graph runs (the op runs in place, EAGER_EQUIVALENTS)."""
+    for node in [n for n in graph.nodes if n.op == "call_function" and n.target in FUNCTIONAL_FUSED]:
+        lists = node.args[:5]
+        with graph.inserting_after(node):
+            functional = _op_node(graph, FUNCTIONAL_FUSED[node.target], node.args, node.kwargs)
+        functional.meta["val"] = tuple([arg.meta["val"] for arg in inputs] for inputs in lists)
+        outputs, last = [], functional
+        for index, inputs in enumerate(lists):
+            with graph.inserting_after(last):
+                new_list = last = graph.call_function(operator.getitem, (functional, index))
+            new_list.meta["val"] = functional.meta["val"][index]
+            items = []
+            for position, source in enumerate(inputs):
+                with graph.inserting_after(last):
+                    item = last = graph.call_function(operator.getitem, (new_list, position))
+                item.meta["val"] = source.meta["val"]
+                items.append(item)
+            outputs.append(items)
+        # params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs; grads too when unscaled
+        copied = [0, 2, 3, 4] + ([1] if node.kwargs.get("grad_scale") is not None else [])
+        for index in copied:
+            if lists[index]:
+                with graph.inserting_after(last):
+                    last = _op_node(graph, aten._foreach_copy_.default, (lists[index], outputs[index]))
+                last.meta["val"] = None
+        graph.erase_node(node)
+
+
+def _op_node(graph: fx.Graph, op, args, kwargs=None) -> fx.Node:
+    """A call of ``op`` named as make_fx names it (``_fused_adam``, ``_foreach_copy_``)."""
+    return graph.create_node("call_function", op, args, kwargs, name=op.overloadpacket.__name__)
 
 
 @torch.library.custom_op("mutwo::foreach_addcdiv_", mutates_args=("tensors",))
@@ -179,10 +212,6 @@ def _foreach_div_by_cpu_scalars(self, other):
 CAPTURE_DECOMPOSITIONS = {
     aten._foreach_addcdiv_.Tensor: torch.ops.mutwo.foreach_addcdiv_.default,
     aten._foreach_div_.List: _foreach_div_by_cpu_scalars,
-    aten._fused_adam_.default: _functional_fused(aten._fused_adam.default),
-    aten._fused_adam_.tensor_lr: _functional_fused(aten._fused_adam.tensor_lr),
-    aten._fused_adamw_.default: _functional_fused(aten._fused_adamw.default),
-    aten._fused_adamw_.tensor_lr: _functional_fused(aten._fused_adamw.tensor_lr),
 }
 
 
