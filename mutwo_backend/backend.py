@@ -285,7 +285,11 @@ class DynamoGraph:
                     allocator.reset_peak()
                 self.iterations += not forward
                 return out
-            out, record = interpreter.run_iteration(args, boxed=True)
+            # the allocator is read while no record holds its readings, in
+            # the forward and backward runs of one iteration
+            read_memory = (not self.stats.has_memory() if forward else
+                           bool(self.pending_forward) and self.pending_forward[0][0].peak_bytes is not None)
+            out, record = interpreter.run_iteration(args, boxed=True, read_memory=read_memory)
             self._recorded(record, ranks, forward)
             return out
 

@@ -27,7 +27,9 @@ class NodeStatistics:
 
 
 class Statistics:
-    """Collects IterationRecords; warm-up records are dropped with reset()."""
+    """Collects IterationRecords; warm-up records are dropped with reset().
+    Allocator readings (None where an iteration did not read them) are the
+    median over the records that hold them."""
 
     def __init__(self):
         self.records: list[IterationRecord] = []
@@ -38,14 +40,18 @@ class Statistics:
     def reset(self) -> None:
         self.records.clear()
 
+    def has_memory(self) -> bool:
+        """Whether a record holds allocator readings."""
+        return any(r.peak_bytes is not None for r in self.records)
+
     def aggregate(self) -> NodeStatistics:
         if not self.records:
             raise ValueError("no measured iteration to aggregate: run at least one after reset")
         times = np.stack([r.run_time_ms for r in self.records])
 
         def median_of(attribute):
-            arrays = [getattr(r, attribute) for r in self.records]
-            return None if arrays[0] is None else np.median(np.stack(arrays), axis=0)
+            arrays = [getattr(r, attribute) for r in self.records if getattr(r, attribute) is not None]
+            return np.median(np.stack(arrays), axis=0) if arrays else None
 
         def median_by_name(attribute):
             names = set().union(*(getattr(r, attribute) for r in self.records))

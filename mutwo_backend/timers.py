@@ -33,12 +33,16 @@ def default_timer(device: torch.device) -> str:
     return "cupti" if device.type == "cuda" else "cpu"
 
 
-def make_timer(name: str, node_count: int):
+def make_timer(name: str, node_count: int, untimed: frozenset[int] = frozenset()):
+    """A timer for ``node_count`` nodes; the nodes in ``untimed`` are never
+    timed and take 0 ms."""
     if name not in TIMERS:
         raise MutwoError(f"unknown timer {name!r}: choose one of {', '.join(TIMERS)}")
     if name != "cpu" and not torch.cuda.is_available():
         raise MutwoError(f"timer {name!r} needs a CUDA GPU and none is visible: use timer='cpu'.")
-    return {"cpu": CpuTimer, "cuda-events": CudaEventTimer, "cupti": CuptiTimer}[name](node_count)
+    if name == "cuda-events":  # the one that must know: an event pair never recorded cannot be read
+        return CudaEventTimer(node_count, untimed)
+    return {"cpu": CpuTimer, "cupti": CuptiTimer}[name](node_count)
 
 
 class CpuTimer:
@@ -63,9 +67,11 @@ class CpuTimer:
 
 
 class CudaEventTimer:
-    """A CUDA event pair per node, created once; one synchronize per iteration."""
+    """A CUDA event pair per timed node, created once; one synchronize per iteration."""
 
-    def __init__(self, node_count: int):
+    def __init__(self, node_count: int, untimed: frozenset[int] = frozenset()):
+        self._timed = [i for i in range(node_count) if i not in untimed]
+        self._times_ms = np.zeros(node_count)
         self._starts = [torch.cuda.Event(enable_timing=True) for _ in range(node_count)]
         self._ends = [torch.cuda.Event(enable_timing=True) for _ in range(node_count)]
 
@@ -80,7 +86,9 @@ class CudaEventTimer:
 
     def finish_iteration(self) -> np.ndarray:
         torch.cuda.synchronize()
-        return np.array([s.elapsed_time(e) for s, e in zip(self._starts, self._ends)])
+        times_ms = self._times_ms.copy()
+        times_ms[self._timed] = [self._starts[i].elapsed_time(self._ends[i]) for i in self._timed]
+        return times_ms
 
 
 class CuptiTimer:

@@ -3,6 +3,7 @@ excluded from medians, derived metrics equal to hand computation from the
 recorded numbers, training unchanged, failures named."""
 
 import copy
+import operator
 import time
 
 import numpy as np
@@ -285,3 +286,75 @@ def test_measured_peak_equals_the_eager_steps_on_cuda(optimizer):
                                 warmup=1, iters=1).to_dict()
     measured = report["memory"]["measured_peak_bytes"]
     assert abs(measured - eager_peak) <= 0.01 * eager_peak, (measured, eager_peak)
+
+
+def test_getitem_nodes_are_untimed_and_ops_are_timed():
+    """Indexing a multi-output op's result launches nothing: 0 ms, while the
+    ops around it are timed."""
+    model, optimizer, x, y = mlp_case()
+    step = mutwo_backend.capture_train_step(mlp_step, model, optimizer, x, y)
+    interp = interpreter_module.ProfilingInterpreter(step.gm, torch.device("cpu"), "cpu")
+    getitems = [i for i, n in enumerate(interp.nodes) if n.target is operator.getitem]
+    assert len(getitems) > 10 and interp.untimed == frozenset(getitems)
+    records = []
+
+    def interpreted(*inputs):
+        out, record = interp.run_iteration(*inputs)
+        records.append(record)
+        return out
+
+    step.run(x, y, executor=interpreted)
+    assert (records[0].run_time_ms[getitems] == 0).all()
+    ops = [i for i, n in enumerate(interp.nodes) if n.op == "call_function" and i not in interp.untimed]
+    assert (records[0].run_time_ms[ops] > 0).all()
+
+
+def test_statistics_take_allocator_readings_from_the_records_that_hold_them():
+    from mutwo_backend.interpreter import IterationRecord
+    from mutwo_backend.statistics import Statistics
+    stats = Statistics()
+    readings = np.array([5, 7, 6])
+    stats.add(IterationRecord(np.array([1.0, 2.0, 3.0]), 10.0, allocated_after_bytes=readings,
+                              peak_bytes=readings + 1, output_bytes=readings * 0, peak_before_bytes=4,
+                              outside_peak_bytes={"before_forward": 4}))
+    assert stats.has_memory()
+    for times in ([3.0, 2.0, 1.0], [2.0, 2.0, 2.0]):
+        stats.add(IterationRecord(np.array(times), 11.0))
+    aggregated = stats.aggregate()
+    assert aggregated.iterations == 3 and aggregated.run_time_ms.tolist() == [2.0, 2.0, 2.0]
+    assert aggregated.peak_bytes.tolist() == [6, 8, 7] and aggregated.allocated_after_bytes.tolist() == [5, 7, 6]
+    assert aggregated.outside_peak_bytes == {"before_forward": 4}
+    stats.reset()
+    stats.add(IterationRecord(np.array([1.0]), 1.0))
+    assert not stats.has_memory() and stats.aggregate().peak_bytes is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the allocator's readings need a CUDA GPU")
+def test_allocator_is_read_in_one_measured_iteration_with_the_readings_of_every_one_on_cuda(monkeypatch):
+    """Reading the allocator in one of three iterations gives the same
+    per-node readings as reading it in each: every iteration allocates the same."""
+    device = torch.device("cuda")
+    model, optimizer, x, y = mlp_case()
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    x, y = x.to(device), y.to(device)
+    step = mutwo_backend.capture_train_step(mlp_step, model, optimizer, x, y)
+    analysis = run_pipeline(step.gm, step.hints, allocator_rounding=True)
+    profiler = GraphProfiler(step.gm, analysis, device, freed_after=step.freed_after)
+    step.run(x, y)
+    reads = []
+    run_iteration = interpreter_module.ProfilingInterpreter.run_iteration
+
+    def recording(self, *args, **kwargs):
+        reads.append(kwargs.get("read_memory", True))
+        return run_iteration(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter_module.ProfilingInterpreter, "run_iteration", recording)
+    for _ in range(3):
+        step.run(x, y, executor=profiler.run)
+    assert reads == [True, False, False]
+    once = profiler.aggregate_stats()
+    every = [profiler.interpreter.run_iteration(*step.graph_inputs(x, y))[1] for _ in range(2)]
+    for record in every:
+        assert record.allocated_after_bytes.tolist() == once.allocated_after_bytes.tolist()
+        assert record.peak_bytes.tolist() == once.peak_bytes.tolist()
