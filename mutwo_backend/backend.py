@@ -38,7 +38,7 @@ from .partitioned import stitch
 from .profiler import SWAP_MODES, build_report, check_iterations, swap_points
 from .report import SCHEMA, Report
 from .statistics import Statistics
-from .swap import prepare_calibration
+from .swap import prepare_calibration, start_calibration, swap_model
 from .timers import TIMERS, default_timer
 
 log = logging.getLogger("mutwo")
@@ -199,7 +199,7 @@ class DynamoGraph:
         self.session, self.index = session, index
         self.options = session.options
         self.device = _device_of(example_inputs)
-        prepare_calibration(self.device)  # pinned while compiling; build_report calibrates after measuring
+        prepare_calibration(self.device)  # pinned while compiling, queued once partitioned
         self.timer = self.options.timer or default_timer(self.device)
         # (is a Parameter, requires grad) per input; not the tensors, which a graph must not keep alive
         self.input_roles = [(isinstance(t, torch.nn.Parameter), bool(getattr(t, "requires_grad", False)))
@@ -229,6 +229,8 @@ class DynamoGraph:
         graph = self.program.graph
         self.analysis = run_pipeline(graph, self._hints(graph, num_fwd_outputs, static),
                                      allocator_rounding=self.device.type == "cuda")
+        # the calibration's copies run beside compilation and warm-up, when the GPU has room
+        start_calibration(self.device, self.analysis.memory.peak_bytes)
         return forward, backward
 
     def compile_forward(self, gm: fx.GraphModule, example_inputs):
@@ -289,6 +291,7 @@ class DynamoGraph:
             # the forward and backward runs of one iteration
             read_memory = (not self.stats.has_memory() if forward else
                            bool(self.pending_forward) and self.pending_forward[0][0].peak_bytes is not None)
+            swap_model(self.device)  # the calibration's copies must not run beside a measured run
             out, record = interpreter.run_iteration(args, boxed=True, read_memory=read_memory)
             self._recorded(record, ranks, forward)
             return out

@@ -15,7 +15,7 @@ from .metrics import activation_metrics
 from .progress import PhaseLog
 from .report import SCHEMA, Report
 from .statistics import NodeStatistics, Statistics, format_statistics
-from .swap import prepare_calibration, swap_model
+from .swap import prepare_calibration, start_calibration, swap_model
 from .timers import default_timer
 
 SWAP_MODES = ("model", "measure")
@@ -34,7 +34,6 @@ class GraphProfiler:
             raise MutwoError(f"unknown swap mode {swap!r}: choose one of {', '.join(SWAP_MODES)}")
         self.gm, self.analysis, self.device, self.swap = gm, analysis, device, swap
         self.timer = timer or default_timer(device)
-        swap_model(device)  # calibrate copies before the first profiled iteration (cached)
         swap_out_after, swap_in_before = swap_points(analysis)
         self.interpreter = ProfilingInterpreter(gm, device, self.timer, swap_out_after, swap_in_before,
                                                 measure_swaps=swap == "measure", freed_after=freed_after)
@@ -43,6 +42,7 @@ class GraphProfiler:
     def run(self, *graph_inputs):
         """One instrumented iteration; the allocator is read only while no
         record holds its readings (every iteration allocates the same)."""
+        swap_model(self.device)  # the calibration's copies must not run beside a measured iteration
         out, record = self.interpreter.run_iteration(*graph_inputs, read_memory=not self.stats.has_memory())
         self.stats.add(record)
         return out
@@ -168,11 +168,14 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
         step = capture_train_step(train_step, model, optimizer, *args)
     with phases.phase("passes"):
         analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
-    with phases.phase("swap calibration"):  # most of GraphProfiler's set-up
         profiler = GraphProfiler(step.gm, analysis, device, timer, swap, step.freed_after)
+        # the calibration's copies run on the GPU beside the warm-up, when it has room
+        start_calibration(device, analysis.memory.peak_bytes)
     with phases.phase(f"warm-up ({_iterations(warmup)})"):
         for _ in range(warmup):  # the graph's own code: nothing to measure, ten times faster
             step.run(*args)
+    with phases.phase("swap calibration"):  # what the warm-up did not hide
+        swap_model(device)
     with phases.phase(f"measurement ({_iterations(iters)})"):
         for _ in range(iters):
             step.run(*args, executor=profiler.run)

@@ -4,12 +4,12 @@ A copy costs a fixed latency plus bytes over bandwidth, per direction: one
 constant bandwidth is wrong for small tensors (FACTS.md: 1 MiB moves at
 34 GB/s, 1 GiB at 54 GB/s on the H200). On a GPU the model is fitted to
 measured pinned copies from 64 KiB to 1 GiB, once per device and process
-(prepare_calibration pins the host buffer ahead, while the graph is captured);
-on the CPU it is a documented default and marked estimated. (Fitted up to
+(prepare_calibration pins the host buffer while the graph is captured, and
+start_calibration queues the copies so that the warm-up iteration hides
+them); on the CPU it is a documented default and marked estimated. (Fitted up to
 256 MiB only, it underestimated 1 GiB copies by 5 to 8% instead of 3 to 4%
 on the H200.)"""
 
-import functools
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -54,44 +54,114 @@ class SwapModel:
 DEFAULT_CPU_MODEL = SwapModel(CopyCost(0.01, 25e6), CopyCost(0.01, 25e6), estimated=True)
 
 
+_PINNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mutwo-pin")
+_PINNED: dict[torch.device, Future] = {}  # host buffers being pinned, until calibration takes them
+_MODELS: dict[torch.device, SwapModel] = {}
+# About 25 ms on the H200 (1.8 GHz): far longer than queueing the copies takes.
+SPIN_CYCLES = 45_000_000
+REPEATS = 5  # timed copies per size and direction, after one that warms up
+
+
 def swap_model(device: torch.device) -> SwapModel:
+    """The swap cost model of ``device``; on a GPU, fitted to the copies
+    start_calibration queued (queued now if it did not), once per device
+    and process."""
     if device.type != "cuda":
         return DEFAULT_CPU_MODEL
-    return _calibrated(_indexed(device))
+    device = _indexed(device)
+    if device not in _MODELS:
+        if device not in _QUEUED:
+            prepare_calibration(device)
+            _QUEUED[device] = _QueuedCopies(device, _PINNED.pop(device).result())
+        _MODELS[device] = _QUEUED.pop(device).fit()
+    return _MODELS[device]
 
 
 def prepare_calibration(device: torch.device) -> None:
     """Start pinning the calibration's host buffer on a helper thread, so
     that the capture or compilation running meanwhile hides it: pinning
     1 GiB takes longer than all the calibration's copies (0.42 s against
-    0.36 s on the H200's host). Only the pinning overlaps; the copies are
-    timed later, on the calling thread, with nothing else on the GPU."""
-    if device.type == "cuda" and _indexed(device) not in _PINNED:
+    0.36 s on the H200's host)."""
+    if device.type == "cuda" and _indexed(device) not in _PINNED and _indexed(device) not in _MODELS:
         _PINNED[_indexed(device)] = _PINNER.submit(
             torch.empty, max(CALIBRATION_SIZES), dtype=torch.uint8, pin_memory=True)
 
 
-_PINNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mutwo-pin")
-_PINNED: dict[torch.device, Future] = {}  # host buffers being pinned, until calibration takes them
+def start_calibration(device: torch.device, step_peak_bytes: int = 0) -> None:
+    """Queue every calibration copy on a side stream and return at once, so
+    that the host work that follows (the warm-up iteration) hides the
+    copies; swap_model waits for them. Only when the GPU has room for the
+    calibration's 1 GiB device buffer beside a step that peaks at
+    ``step_peak_bytes`` (with a quarter to spare); otherwise swap_model
+    calibrates alone, later.
+
+    The copies are queued behind a GPU spin, all before the first one can
+    start, so that their CUDA-event timings hold no gap from the host (a
+    thread could not promise that: waiting for the GIL, its copies timed
+    hundreds of times too long)."""
+    if device.type != "cuda":
+        return
+    device = _indexed(device)
+    if device in _MODELS or device in _QUEUED or not _room_beside(device, step_peak_bytes):
+        return
+    prepare_calibration(device)
+    _QUEUED[device] = _QueuedCopies(device, _PINNED.pop(device).result())
+
+
+def _room_beside(device: torch.device, step_peak_bytes: int) -> bool:
+    free, _ = torch.cuda.mem_get_info(device)
+    allocated = torch.cuda.memory_allocated(device)
+    cached = torch.cuda.memory_reserved(device) - allocated  # the allocator's, free for reuse
+    return free + cached >= 1.25 * max(step_peak_bytes - allocated, 0) + max(CALIBRATION_SIZES)
 
 
 def _indexed(device: torch.device) -> torch.device:
     return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
-def _calibrated(device: torch.device) -> SwapModel:
-    # One buffer each side, sliced per size: pinning host memory costs more
-    # than the copies themselves.
-    prepare_calibration(device)
-    on_host = _PINNED.pop(device).result()
-    on_device = torch.empty(max(CALIBRATION_SIZES), dtype=torch.uint8, device=device)
-    d2h = [median_copy_ms(on_host[:n], on_device[:n]) for n in CALIBRATION_SIZES]
-    h2d = [median_copy_ms(on_device[:n], on_host[:n]) for n in CALIBRATION_SIZES]
-    return SwapModel(_fit(list(CALIBRATION_SIZES), d2h), _fit(list(CALIBRATION_SIZES), h2d), estimated=False)
+class _QueuedCopies:
+    """Device-to-host and host-to-device copies of every calibration size,
+    each between a CUDA event pair, queued on a side stream. One buffer each
+    side, sliced per size: pinning host memory costs more than the copies."""
+
+    def __init__(self, device: torch.device, on_host: torch.Tensor):
+        self.on_host = on_host
+        self.stream = torch.cuda.Stream(device)
+        with torch.cuda.device(device):
+            self.on_device = torch.empty(max(CALIBRATION_SIZES), dtype=torch.uint8, device=device)
+            self.stream.wait_stream(torch.cuda.current_stream())  # the buffer's allocation
+            self.samples = []
+            with torch.cuda.stream(self.stream):
+                torch.cuda._sleep(SPIN_CYCLES)
+                spun = torch.cuda.Event()
+                spun.record()
+                for direction, dst, src in (("d2h", on_host, self.on_device), ("h2d", self.on_device, on_host)):
+                    for size in CALIBRATION_SIZES:
+                        for _ in range(REPEATS + 1):
+                            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                            start.record()
+                            dst[:size].copy_(src[:size], non_blocking=True)
+                            end.record()
+                            self.samples.append((direction, size, start, end))
+        # still spinning: every copy was queued before the first could start
+        self.gap_free = not spun.query()
+
+    def fit(self) -> SwapModel:
+        self.stream.synchronize()
+        if not self.gap_free:  # the host was slower than the spin: time each copy on its own
+            d2h = [median_copy_ms(self.on_host[:n], self.on_device[:n]) for n in CALIBRATION_SIZES]
+            h2d = [median_copy_ms(self.on_device[:n], self.on_host[:n]) for n in CALIBRATION_SIZES]
+        else:
+            times = {}
+            for direction, size, start, end in self.samples:
+                times.setdefault((direction, size), []).append(start.elapsed_time(end))
+            d2h, h2d = ([float(np.median(times[direction, n][1:])) for n in CALIBRATION_SIZES]
+                        for direction in ("d2h", "h2d"))
+        sizes = list(CALIBRATION_SIZES)
+        return SwapModel(_fit(sizes, d2h), _fit(sizes, h2d), estimated=False)
 
 
-def median_copy_ms(dst: torch.Tensor, src: torch.Tensor, repeats: int = 5) -> float:
+def median_copy_ms(dst: torch.Tensor, src: torch.Tensor, repeats: int = REPEATS) -> float:
     """Median time of ``dst.copy_(src, non_blocking=True)``, CUDA events."""
     times = []
     for _ in range(repeats + 1):

@@ -55,7 +55,7 @@ def mlp_report():
 
 def test_phase_seconds_account_for_the_call(mlp_report):
     phases = mlp_report["meta"]["phase_seconds"]
-    assert list(phases) == ["capture", "passes", "swap calibration", "warm-up", "measurement", "report"]
+    assert list(phases) == ["capture", "passes", "warm-up", "swap calibration", "measurement", "report"]
     assert all(s >= 0 for s in phases.values())
     assert 0.9 * mlp_report["test_wall_s"] <= sum(phases.values()) <= mlp_report["test_wall_s"]
 
@@ -366,3 +366,24 @@ def test_allocator_is_read_in_one_measured_iteration_with_the_readings_of_every_
     for record in every:
         assert record.allocated_after_bytes.tolist() == once.allocated_after_bytes.tolist()
         assert record.peak_bytes.tolist() == once.peak_bytes.tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the swap calibration copies to and from a GPU")
+def test_queued_calibration_agrees_with_copies_timed_one_by_one_on_cuda(monkeypatch):
+    """The calibration's copies, queued at once behind a GPU spin, time as
+    copies timed alone do; without room beside the step nothing is queued."""
+    from mutwo_backend import swap
+    device = swap._indexed(torch.device("cuda"))
+    for state in ("_MODELS", "_QUEUED", "_PINNED"):
+        monkeypatch.setattr(swap, state, {})
+    too_big = 2 * torch.cuda.get_device_properties(device).total_memory
+    swap.start_calibration(device, step_peak_bytes=too_big)
+    assert device not in swap._QUEUED
+    swap.start_calibration(device, step_peak_bytes=0)
+    queued = swap._QUEUED[device]
+    assert queued.gap_free
+    model = swap.swap_model(device)
+    assert not model.estimated and device not in swap._QUEUED
+    for size, tolerance in ((2 ** 20, 0.25), (2 ** 28, 0.1)):
+        alone = swap.median_copy_ms(queued.on_host[:size], queued.on_device[:size])
+        assert model.swap_out_ms(size) == pytest.approx(alone, rel=tolerance), size
