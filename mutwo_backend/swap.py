@@ -56,6 +56,7 @@ DEFAULT_CPU_MODEL = SwapModel(CopyCost(0.01, 25e6), CopyCost(0.01, 25e6), estima
 
 _PINNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mutwo-pin")
 _PINNED: dict[torch.device, Future] = {}  # host buffers being pinned, until calibration takes them
+_QUEUED: dict[torch.device, "_QueuedCopies"] = {}  # calibrations queued, until swap_model fits them
 _MODELS: dict[torch.device, SwapModel] = {}
 # About 25 ms on the H200 (1.8 GHz): far longer than queueing the copies takes.
 SPIN_CYCLES = 45_000_000

@@ -384,6 +384,6 @@ def test_queued_calibration_agrees_with_copies_timed_one_by_one_on_cuda(monkeypa
     assert queued.gap_free
     model = swap.swap_model(device)
     assert not model.estimated and device not in swap._QUEUED
-    for size, tolerance in ((2 ** 20, 0.25), (2 ** 28, 0.1)):
+    for size in (2 ** 26, 2 ** 28):  # large enough for the host's launch gaps not to count
         alone = swap.median_copy_ms(queued.on_host[:size], queued.on_device[:size])
-        assert model.swap_out_ms(size) == pytest.approx(alone, rel=tolerance), size
+        assert model.swap_out_ms(size) == pytest.approx(alone, rel=0.1), size
