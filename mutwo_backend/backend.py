@@ -199,7 +199,7 @@ class DynamoGraph:
         self.session, self.index = session, index
         self.options = session.options
         self.device = _device_of(example_inputs)
-        prepare_calibration(self.device)  # pinned while compiling, queued once partitioned
+        prepare_calibration(self.device)  # pinned while compiling, copies queued at the first run
         self.timer = self.options.timer or default_timer(self.device)
         # (is a Parameter, requires grad) per input; not the tensors, which a graph must not keep alive
         self.input_roles = [(isinstance(t, torch.nn.Parameter), bool(getattr(t, "requires_grad", False)))
@@ -229,8 +229,6 @@ class DynamoGraph:
         graph = self.program.graph
         self.analysis = run_pipeline(graph, self._hints(graph, num_fwd_outputs, static),
                                      allocator_rounding=self.device.type == "cuda")
-        # the calibration's copies run beside compilation and warm-up, when the GPU has room
-        start_calibration(self.device, self.analysis.memory.peak_bytes)
         return forward, backward
 
     def compile_forward(self, gm: fx.GraphModule, example_inputs):
@@ -279,6 +277,9 @@ class DynamoGraph:
         def run(args):
             if forward and self.first_run is None:
                 self.first_run = self.session.next_run_order()
+                # the calibration's copies run beside the warm-up, when the GPU has room
+                # (queued here, where tensors are real: partition runs under fake tensors)
+                start_calibration(self.device, self.analysis.memory.peak_bytes)
             if not self.instrumenting:
                 return fast(args)
             if self.iterations < self.options.warmup:  # first-run costs, paid at full speed

@@ -328,6 +328,40 @@ def test_after_run_stops_instrumenting(interpreter_calls):
     assert len(calls) == 4
 
 
+def test_swap_calibration_is_queued_with_real_tensors_before_the_first_measured_run(monkeypatch):
+    """AOTAutograd partitions under fake tensors: calibration copies queued
+    there would be fake and time nothing. They are queued at the graph's
+    first run, outside any fake mode, and waited for before measuring."""
+    from torch._guards import detect_fake_mode
+    events = []
+    start_calibration = backend_module.start_calibration
+    swap_model = backend_module.swap_model
+
+    def recording_start(device, step_peak_bytes=0):
+        events.append(("start", detect_fake_mode() is None, step_peak_bytes))
+        return start_calibration(device, step_peak_bytes)
+
+    def recording_wait(device):
+        events.append(("wait",))
+        return swap_model(device)
+
+    monkeypatch.setattr(backend_module, "start_calibration", recording_start)
+    monkeypatch.setattr(backend_module, "swap_model", recording_wait)
+    run_iteration = backend_module.ProfilingInterpreter.run_iteration
+
+    def measured(self, *args, **kwargs):
+        events.append(("measure",))
+        return run_iteration(self, *args, **kwargs)
+
+    monkeypatch.setattr(backend_module.ProfilingInterpreter, "run_iteration", measured)
+    spec, model, compiled, inputs, targets = compiled_mlp("run")
+    train_loop(compiled, spec, inputs, targets, steps=3)
+    starts = [e for e in events if e[0] == "start"]
+    assert len(starts) == 1 and starts[0][1], events  # once, with real tensors
+    assert starts[0][2] > 0  # beside a step of the analysed peak
+    assert events.index(starts[0]) < events.index(("wait",)) < events.index(("measure",))
+
+
 def test_inference_passes_through_and_optimizer_state_is_counted():
     spec = get_model("mlp")
     model = spec.build()
