@@ -24,17 +24,19 @@ class NodeExecutionError(MutwoError):
 class IterationRecord:
     """What one run of a graph measured, per node in graph order.
 
-    The memory arrays come from the CUDA caching allocator and are None on
-    the CPU, where the memory simulation pass stands in for them."""
+    The memory arrays come from the CUDA caching allocator. They are None
+    on the CPU, where the memory simulation pass stands in for them, and in
+    iterations run with ``read_memory=False``."""
 
     run_time_ms: np.ndarray
     wall_ms: float
     allocated_after_bytes: np.ndarray | None = None
     peak_bytes: np.ndarray | None = None
     output_bytes: np.ndarray | None = None
-    # The allocator's peak between the end of the previous instrumented run
+    # The allocator's peak between the end of the previous run that read it
     # and the start of this one: code outside the graph, such as the eager
-    # loss between torch.compile's forward and backward graphs. None on the CPU.
+    # loss between torch.compile's forward and backward graphs. None where
+    # the memory arrays are None.
     peak_before_bytes: int | None = None
     # The compile backend's joint records: peak_before_bytes of the forward
     # and backward graphs, as {"before_forward": B, "before_backward": B}.
