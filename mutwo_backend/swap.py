@@ -72,8 +72,7 @@ def swap_model(device: torch.device) -> SwapModel:
     device = _indexed(device)
     if device not in _MODELS:
         if device not in _QUEUED:
-            prepare_calibration(device)
-            _QUEUED[device] = _QueuedCopies(device, _PINNED.pop(device).result())
+            _queue(device)
         _MODELS[device] = _QUEUED.pop(device).fit()
     return _MODELS[device]
 
@@ -105,6 +104,11 @@ def start_calibration(device: torch.device, step_peak_bytes: int = 0) -> None:
     device = _indexed(device)
     if device in _MODELS or device in _QUEUED or not _room_beside(device, step_peak_bytes):
         return
+    _queue(device)
+
+
+def _queue(device: torch.device) -> None:
+    """Queue the calibration's copies, once its host buffer is pinned."""
     prepare_calibration(device)
     _QUEUED[device] = _QueuedCopies(device, _PINNED.pop(device).result())
 
