@@ -71,7 +71,6 @@ class CudaEventTimer:
 
     def __init__(self, node_count: int, untimed: frozenset[int] = frozenset()):
         self._timed = [i for i in range(node_count) if i not in untimed]
-        self._times_ms = np.zeros(node_count)
         self._starts = [torch.cuda.Event(enable_timing=True) for _ in range(node_count)]
         self._ends = [torch.cuda.Event(enable_timing=True) for _ in range(node_count)]
 
@@ -86,7 +85,7 @@ class CudaEventTimer:
 
     def finish_iteration(self) -> np.ndarray:
         torch.cuda.synchronize()
-        times_ms = self._times_ms.copy()
+        times_ms = np.zeros(len(self._starts))
         times_ms[self._timed] = [self._starts[i].elapsed_time(self._ends[i]) for i in self._timed]
         return times_ms
 
