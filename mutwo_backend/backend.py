@@ -274,23 +274,37 @@ class DynamoGraph:
         fast = _boxed(gm)
         allocator = AllocatorReadings(self.device) if self.device.type == "cuda" else None
 
+        def open_peak_window(wait_for_calibration: bool) -> None:
+            """From here the allocator's peak counts for the measured runs (the
+            first one's ``before_forward``). The swap calibration's device
+            buffer is freed before the last such reset, not counted in it."""
+            if wait_for_calibration:
+                swap_model(self.device)
+            if allocator is not None:
+                allocator.reset_peak()
+
         def run(args):
             if forward and self.first_run is None:
                 self.first_run = self.session.next_run_order()
                 # the calibration's copies run beside the warm-up, when the GPU has room
                 # (queued here, where tensors are real: partition runs under fake tensors)
                 start_calibration(self.device, self.analysis.memory.peak_bytes)
+                if self.instrumenting and self.options.warmup == 0:  # no warm-up run opens it
+                    open_peak_window(wait_for_calibration=True)
             if not self.instrumenting:
                 return fast(args)
             if self.iterations < self.options.warmup:  # first-run costs, paid at full speed
                 out = fast(args)
-                if allocator is not None:  # the measured runs' peak readings start here
-                    allocator.reset_peak()
                 self.iterations += not forward
+                open_peak_window(wait_for_calibration=self.iterations == self.options.warmup)
                 return out
-            # the allocator is read while no record holds its readings, in
-            # the forward and backward runs of one iteration
-            read_memory = (not self.stats.has_memory() if forward else
+            # the allocator is read in the forward and backward runs of one
+            # iteration: the last before the report (with no warm-up, the
+            # first iteration creates the optimizer's state), or a later one
+            # once the records that held its readings are dropped ("keep")
+            opts = self.options
+            read_memory = (self.iterations >= opts.warmup + opts.iters - 1 and not self.stats.has_memory()
+                           if forward else
                            bool(self.pending_forward) and self.pending_forward[0][0].peak_bytes is not None)
             swap_model(self.device)  # the calibration's copies must not run beside a measured run
             out, record = interpreter.run_iteration(args, boxed=True, read_memory=read_memory)

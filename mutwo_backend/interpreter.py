@@ -123,7 +123,6 @@ class ProfilingInterpreter(fx.Interpreter):
             run_time_ms = self.timer.finish_iteration()
         if self.on_cuda:
             torch.cuda.synchronize()
-        if self._reading:
             self._allocator.reset_peak()  # from here the peak is the next run's peak_before_bytes
         wall_ms = (time.perf_counter() - start) * 1e3
         record = IterationRecord(run_time_ms, wall_ms, peak_before_bytes=peak_before)

@@ -2,6 +2,7 @@
 interpreter and the statistics together; profile_train_step is the one-call
 entry point for a user's train step."""
 
+import functools
 
 import torch
 from torch import fx
@@ -39,11 +40,14 @@ class GraphProfiler:
                                                 measure_swaps=swap == "measure", freed_after=freed_after)
         self.stats = Statistics()
 
-    def run(self, *graph_inputs):
-        """One instrumented iteration; the allocator is read only while no
-        record holds its readings (every iteration allocates the same)."""
+    def run(self, *graph_inputs, read_memory: bool | None = None):
+        """One instrumented iteration. Every iteration after the first
+        allocates the same, so the allocator is read once: in this iteration
+        if ``read_memory``, by default while no record holds readings."""
         swap_model(self.device)  # the calibration's copies must not run beside a measured iteration
-        out, record = self.interpreter.run_iteration(*graph_inputs, read_memory=not self.stats.has_memory())
+        if read_memory is None:
+            read_memory = not self.stats.has_memory()
+        out, record = self.interpreter.run_iteration(*graph_inputs, read_memory=read_memory)
         self.stats.add(record)
         return out
 
@@ -177,8 +181,8 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
     with phases.phase("swap calibration"):  # what the warm-up did not hide
         swap_model(device)
     with phases.phase(f"measurement ({_iterations(iters)})"):
-        for _ in range(iters):
-            step.run(*args, executor=profiler.run)
+        for i in range(iters):  # the allocator is read in the last (with no warm-up, not a first run)
+            step.run(*args, executor=functools.partial(profiler.run, read_memory=i == iters - 1))
     with phases.phase("report"):
         report = profiler.report({"model": model_name or type(model).__name__, "capture": "train-step",
                                   "warmup": warmup})
