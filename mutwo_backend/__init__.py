@@ -2,7 +2,7 @@
 the profiler of mu-TWO (Purandare et al., MLSys 2023)."""
 
 from .capture import InputRole, TrainStepGraph, capture_train_step
-from .errors import CaptureError, MutwoError
+from .errors import CaptureError, MutwoError, StepDoesNotFitError
 from .separator import SEPFunction, sep
 from .interpreter import NodeExecutionError, ProfilingInterpreter
 from .profiler import GraphProfiler, profile_train_step
@@ -13,6 +13,6 @@ register()
 
 __all__ = [
     "CaptureError", "GraphProfiler", "InputRole", "MutwoError", "NodeExecutionError",
-    "ProfilingInterpreter", "Report", "SEPFunction", "TrainStepGraph", "capture_train_step",
+    "ProfilingInterpreter", "Report", "SEPFunction", "StepDoesNotFitError", "TrainStepGraph", "capture_train_step",
     "get_report", "mutwo_profile", "profile_train_step", "sep",
 ]

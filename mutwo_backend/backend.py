@@ -32,6 +32,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from passes import GraphHints, NodeType, run_pipeline
 
+from .device_memory import check_step_fits, out_of_memory_explained
 from .errors import MutwoError
 from .interpreter import AllocatorReadings, IterationRecord, ProfilingInterpreter
 from .partitioned import stitch
@@ -283,9 +284,10 @@ class DynamoGraph:
             if allocator is not None:
                 allocator.reset_peak()
 
-        def run(args):
+        def run_graph(args):
             if forward and self.first_run is None:
                 self.first_run = self.session.next_run_order()
+                check_step_fits(self.device, self.analysis)  # before the graphs first run
                 # the calibration's copies run beside the warm-up, when the GPU has room
                 # (queued here, where tensors are real: partition runs under fake tensors)
                 start_calibration(self.device, self.analysis.memory.peak_bytes)
@@ -310,6 +312,12 @@ class DynamoGraph:
             out, record = interpreter.run_iteration(args, boxed=True, read_memory=read_memory)
             self._recorded(record, ranks, forward)
             return out
+
+        which = "forward graph" if forward else "backward graph"
+
+        def run(args):
+            with out_of_memory_explained(self.device, self.analysis, which):
+                return run_graph(args)
 
         run._boxed_call = True
         return run

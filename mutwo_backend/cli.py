@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from .errors import MutwoError
+from .errors import MutwoError, StepDoesNotFitError
 from .models import MODELS, get_model, zoo_train_step
 from .progress import PhaseLog
 from .report import Report, format_bytes
@@ -220,11 +220,12 @@ def profile(args: argparse.Namespace) -> None:
 
 def is_out_of_memory(error: BaseException) -> bool:
     """Whether ``error`` or an error it was raised from is an out-of-memory:
-    CUDA's (torch.OutOfMemoryError) or the CPU allocator's."""
+    CUDA's (torch.OutOfMemoryError), the CPU allocator's, or mutwo's refusal
+    of a step that cannot fit (StepDoesNotFitError)."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, torch.cuda.OutOfMemoryError):
+        if isinstance(error, (torch.cuda.OutOfMemoryError, StepDoesNotFitError)):
             return True
         if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):
             return True
@@ -244,7 +245,7 @@ def sweep(args: argparse.Namespace) -> None:
         except Exception as error:  # noqa: BLE001 - only out-of-memory is expected; the rest is re-raised
             if not is_out_of_memory(error):
                 raise
-            log.warning("batch size %d ran out of memory: stopping the sweep", batch_size)
+            log.warning("batch size %d does not fit in memory: stopping the sweep", batch_size)
             runs.append({"batch_size": batch_size, "status": "oom",
                          "error": f"{type(error).__name__}: {error}"[:2000]})
             not_run = args.batch_sizes[index + 1:]

@@ -10,6 +10,7 @@ from torch import fx
 from passes import GraphAnalysis, run_pipeline
 
 from .capture import capture_train_step
+from .device_memory import check_step_fits, out_of_memory_explained
 from .errors import MutwoError
 from .interpreter import ProfilingInterpreter
 from .metrics import activation_metrics
@@ -172,15 +173,17 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
         step = capture_train_step(train_step, model, optimizer, *args)
     with phases.phase("passes"):
         analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
+        check_step_fits(device, analysis)  # before anything runs
         profiler = GraphProfiler(step.gm, analysis, device, timer, swap, step.freed_after)
         # the calibration's copies run on the GPU beside the warm-up, when it has room
         start_calibration(device, analysis.memory.peak_bytes)
-    with phases.phase(f"warm-up ({_iterations(warmup)})"):
+    with phases.phase(f"warm-up ({_iterations(warmup)})"), out_of_memory_explained(device, analysis, "warm-up"):
         for _ in range(warmup):  # the graph's own code: nothing to measure, ten times faster
             step.run(*args)
     with phases.phase("swap calibration"):  # what the warm-up did not hide
         swap_model(device)
-    with phases.phase(f"measurement ({_iterations(iters)})"):
+    with phases.phase(f"measurement ({_iterations(iters)})"), \
+            out_of_memory_explained(device, analysis, "measurement"):
         for i in range(iters):  # the allocator is read in the last (with no warm-up, not a first run)
             step.run(*args, executor=functools.partial(profiler.run, read_memory=i == iters - 1))
     with phases.phase("report"):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .device_memory import free_bytes
+
 CALIBRATION_SIZES = tuple(64 * 1024 * 4 ** k for k in range(8))  # 64 KiB .. 1 GiB
 
 
@@ -114,10 +116,8 @@ def _queue(device: torch.device) -> None:
 
 
 def _room_beside(device: torch.device, step_peak_bytes: int) -> bool:
-    free, _ = torch.cuda.mem_get_info(device)
     allocated = torch.cuda.memory_allocated(device)
-    cached = torch.cuda.memory_reserved(device) - allocated  # the allocator's, free for reuse
-    return free + cached >= 1.25 * max(step_peak_bytes - allocated, 0) + max(CALIBRATION_SIZES)
+    return free_bytes(device) >= 1.25 * max(step_peak_bytes - allocated, 0) + max(CALIBRATION_SIZES)
 
 
 def _indexed(device: torch.device) -> torch.device:

@@ -387,3 +387,60 @@ def test_queued_calibration_agrees_with_copies_timed_one_by_one_on_cuda(monkeypa
     for size in (2 ** 26, 2 ** 28):  # large enough for the host's launch gaps not to count
         alone = swap.median_copy_ms(queued.on_host[:size], queued.on_device[:size])
         assert model.swap_out_ms(size) == pytest.approx(alone, rel=0.1), size
+
+
+def test_resident_bytes_are_the_graph_inputs_sizes():
+    """What a step holds before it runs: parameters, buffers, optimizer
+    state and the batch, each tensor's own size."""
+    from mutwo_backend.capture import capture_train_step
+    from mutwo_backend.device_memory import resident_bytes
+    model, optimizer, x, y = mlp_case()
+    step = capture_train_step(mlp_step, model, optimizer, x, y)
+    analysis = run_pipeline(step.gm, step.hints)
+    tensors = [*model.parameters(), *model.buffers(), x, y,
+               *(v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor))]
+    assert resident_bytes(analysis) == sum(t.untyped_storage().nbytes() for t in tensors)
+
+
+def test_out_of_memory_while_profiling_names_the_step_peak_and_the_ways_out(monkeypatch):
+    """An out-of-memory error while the step runs comes out as a
+    StepDoesNotFitError (a MutwoError the CLI prints and the sweep stops
+    at) that says where and what to do, raised from the original error."""
+    from mutwo_backend.capture import TrainStepGraph
+    from mutwo_backend.cli import is_out_of_memory
+
+    def out_of_memory(self, *args, executor=None):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(TrainStepGraph, "run", out_of_memory)
+    model, optimizer, x, y = mlp_case()
+    with pytest.raises(mutwo_backend.StepDoesNotFitError, match="during the warm-up.*GiB.*smaller batch") as error:
+        profile_train_step(mlp_step, model, optimizer, x, y)
+    assert isinstance(error.value.__cause__, torch.OutOfMemoryError)
+    assert isinstance(error.value, MutwoError) and is_out_of_memory(error.value)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="free device memory is a GPU's")
+@pytest.mark.parametrize("entry", ["profile_train_step", "compile"])
+def test_a_step_that_cannot_fit_is_refused_before_it_runs_on_cuda(entry):
+    """A layer whose output alone is 64 GiB more than the GPU has: the
+    simulated peak says so before anything runs, and nothing is trained."""
+    device = torch.device("cuda")
+    total = torch.cuda.get_device_properties(device).total_memory
+    rows, width = 4096, (total + 64 * 1024 ** 3) // (4096 * 4)  # fp32 output bytes = total + 64 GiB
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, width, bias=False), nn.ReLU(), nn.Linear(width, 2, bias=False)).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    x, y = torch.randn(rows, 8, device=device), torch.randint(0, 2, (rows,), device=device)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(mutwo_backend.StepDoesNotFitError, match="does not fit.*Nothing has run") as error:
+        if entry == "compile":
+            compiled = torch.compile(model, backend="mutwo_profile", options={"optimizer": optimizer})
+            nn.functional.cross_entropy(compiled(x), y).backward()
+        else:
+            profile_train_step(mlp_step, model, optimizer, x, y)
+    needed = float(str(error.value).split("needs ")[1].split(" GiB")[0]) * 1024 ** 3
+    assert needed >= total + 64 * 1024 ** 3 - 1024 ** 3
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    torch._dynamo.reset()

@@ -1,0 +1,62 @@
+"""Whether a step fits in the GPU's memory, asked before it runs.
+
+The memory simulation knows a step's peak before anything runs, and it is a
+lower bound (kernel workspaces and allocator fragmentation come on top): a
+step whose simulated peak exceeds what the device has free cannot run, so it
+is refused with the numbers and the ways out instead of an out-of-memory
+error halfway through a training iteration, after batch-norm statistics have
+changed. A step that passes and still runs out is explained the same way."""
+
+import contextlib
+
+import torch
+
+from passes import GraphAnalysis
+
+from .errors import StepDoesNotFitError
+
+GIB = 1024 ** 3
+WAYS_OUT = ("use a smaller batch, free or move other tensors on the device, or profile on the CPU "
+            "(device 'cpu'), where mutwo simulates the step's memory without running it on the GPU")
+
+
+def free_bytes(device: torch.device) -> int:
+    """Bytes new allocations can take: the driver's free memory and what the
+    caching allocator holds but has not handed out."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def resident_bytes(analysis: GraphAnalysis) -> int:
+    """Bytes of the graph's inputs (parameters, buffers, optimizer state, the
+    batch): allocated before the step runs, part of its simulated peak."""
+    return sum(analysis.output_bytes[n] for n in analysis.nodes if n.op == "placeholder")
+
+
+def check_step_fits(device: torch.device, analysis: GraphAnalysis) -> None:
+    """Raise StepDoesNotFitError if the step's simulated peak, beyond its
+    inputs, exceeds what ``device`` has free. Nothing runs on the CPU."""
+    if device.type != "cuda":
+        return
+    needed = analysis.memory.peak_bytes - resident_bytes(analysis)
+    free = free_bytes(device)
+    if needed > free:
+        raise StepDoesNotFitError(
+            f"the step does not fit on {device} ({torch.cuda.get_device_name(device)}): at its peak it "
+            f"needs {needed / GIB:.2f} GiB beyond its inputs (simulated, a lower bound: kernel "
+            f"workspaces come on top) and {free / GIB:.2f} GiB are free. Nothing has run; {WAYS_OUT}.")
+
+
+@contextlib.contextmanager
+def out_of_memory_explained(device: torch.device, analysis: GraphAnalysis, what: str):
+    """Turn a CUDA out-of-memory error while the step runs into a
+    StepDoesNotFitError with the simulated peak and the ways out."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError as error:
+        needed = analysis.memory.peak_bytes - resident_bytes(analysis)
+        raise StepDoesNotFitError(
+            f"the step ran out of memory on {device} during the {what}: at its peak it needs "
+            f"{needed / GIB:.2f} GiB beyond its inputs (simulated, a lower bound: kernel workspaces "
+            f"and fragmentation come on top), more than was free. The iteration stopped partway "
+            f"(batch-norm statistics may have changed); {WAYS_OUT}.") from error
