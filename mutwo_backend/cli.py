@@ -33,8 +33,19 @@ OPTIMIZERS = {
 }
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+def resolve_device(asked: str | None) -> str:
+    """``--device`` as given, or cuda when a GPU is visible; without one the
+    command falls back to the CPU, with a warning that says what changes."""
+    if asked is None:
+        if torch.cuda.is_available():
+            return "cuda"
+        log.warning("no CUDA GPU is visible: profiling on the CPU, where node times are the CPU's and "
+                    "memory is simulated, not measured (--device cpu asks for this and silences the warning)")
+        return "cpu"
+    if asked == "cuda" and not torch.cuda.is_available():
+        raise MutwoError("--device cuda was asked for but no CUDA GPU is visible: "
+                         "use --device cpu (or run on a machine with a GPU).")
+    return asked
 
 
 def default_batch_size(device: str) -> int:
@@ -79,8 +90,8 @@ def _add_run_options(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--seq-len", type=_positive_int, default=None, metavar="L",
                         help="sequence length of the BERT models (default: 512 for bert, 64 for bert-tiny); "
                              "ignored by the other models")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device(),
-                        help="where the step runs (default: cuda when a GPU is visible, else cpu)")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="where the step runs (default: cuda when a GPU is visible, else cpu with a warning)")
     parser.add_argument("--warmup", type=_non_negative_int, default=1, metavar="K",
                         help="warm-up iterations, not measured (default: 1)")
     parser.add_argument("--iters", type=_positive_int, default=3, metavar="K",
@@ -135,13 +146,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- profiling ---------------------------------------------------------------------
 
-def _check_device(device: str) -> torch.device:
-    if device == "cuda" and not torch.cuda.is_available():
-        raise MutwoError("--device cuda was asked for but no CUDA GPU is visible: "
-                         "use --device cpu (or run on a machine with a GPU).")
-    return torch.device(device)
-
-
 def _seq_len(args: argparse.Namespace, spec) -> int | None:
     """--seq-len or the model's default; None for models without one."""
     return (args.seq_len or spec.default_seq_len) if spec.default_seq_len else None
@@ -152,7 +156,7 @@ def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: PhaseLo
     at ``batch_size`` and return the report (meta completed with what the
     command knows: model, batch size, sequence length, optimizer, seed)."""
     spec = get_model(args.model)
-    device = _check_device(args.device)
+    device = torch.device(args.device)
     seq_len = _seq_len(args, spec)
     torch.manual_seed(args.seed)
     model = phases.run(f"building {spec.name}", lambda: spec.build().to(device))
@@ -235,7 +239,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def sweep(args: argparse.Namespace) -> None:
     phases = PhaseLog()
-    device = _check_device(args.device)
+    device = torch.device(args.device)
     spec = get_model(args.model)
     runs, not_run = [], []
     for index, batch_size in enumerate(args.batch_sizes):
@@ -348,6 +352,7 @@ def main(argv=None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
+        args.device = resolve_device(args.device)
         {"profile": profile, "sweep": sweep}[args.command](args)
     except MutwoError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -107,10 +107,21 @@ def test_bad_arguments_exit_non_zero_with_argparse_message(argv, message, capsys
     assert "usage: python -m mutwo_backend" in err and message in err
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
-def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys):
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["profile", "--model", "mlp", "--device", "cuda", "--out", str(tmp_path), "--quiet"]) == 2
     assert "no CUDA GPU is visible" in capsys.readouterr().err
+
+
+def test_without_a_gpu_and_without_device_the_cpu_is_used_with_a_warning(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert cli.main(["profile", "--model", "mlp", "--iters", "1", "--out", str(tmp_path), "--quiet"]) == 0
+    assert "no CUDA GPU is visible: profiling on the CPU" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "report.json").read_text())["meta"]
+    assert (meta["device"], meta["batch_size"]) == ("cpu", 2)
+    assert cli.main(["profile", "--model", "mlp", "--device", "cpu", "--iters", "1", "--out", str(tmp_path),
+                     "--quiet"]) == 0
+    assert "no CUDA GPU" not in capsys.readouterr().err
 
 
 def test_help_documents_every_flag():
