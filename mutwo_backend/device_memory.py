@@ -14,10 +14,12 @@ import torch
 from passes import GraphAnalysis
 
 from .errors import StepDoesNotFitError
+from .report import format_bytes
 
 GIB = 1024 ** 3
-WAYS_OUT = ("use a smaller batch, free or move other tensors on the device, or profile on the CPU "
-            "(device 'cpu'), where mutwo simulates the step's memory without running it on the GPU")
+WAYS_OUT = ("use a smaller batch, free other tensors on the device, or recompute activations in backward "
+            "(torch.utils.checkpoint). passes.run_pipeline(step.gm, step.hints) after capture_train_step "
+            "shows where the memory goes without running the step")
 
 
 def free_bytes(device: torch.device) -> int:
@@ -44,7 +46,14 @@ def check_step_fits(device: torch.device, analysis: GraphAnalysis) -> None:
         raise StepDoesNotFitError(
             f"the step does not fit on {device} ({torch.cuda.get_device_name(device)}): at its peak it "
             f"needs {needed / GIB:.2f} GiB beyond its inputs (simulated, a lower bound: kernel "
-            f"workspaces come on top) and {free / GIB:.2f} GiB are free. Nothing has run; {WAYS_OUT}.")
+            f"workspaces come on top) and {free / GIB:.2f} GiB are free; {_at_peak(analysis)}. "
+            f"Nothing has run: {WAYS_OUT}.")
+
+
+def _at_peak(analysis: GraphAnalysis) -> str:
+    """The simulated bytes at the peak by kind, largest first."""
+    kinds = sorted(analysis.memory.breakdown_at_peak.items(), key=lambda item: -item[1])
+    return "at the peak " + ", ".join(f"{kind.value} {format_bytes(nbytes)}" for kind, nbytes in kinds if nbytes)
 
 
 @contextlib.contextmanager
@@ -58,5 +67,5 @@ def out_of_memory_explained(device: torch.device, analysis: GraphAnalysis, what:
         raise StepDoesNotFitError(
             f"the step ran out of memory on {device} during the {what}: at its peak it needs "
             f"{needed / GIB:.2f} GiB beyond its inputs (simulated, a lower bound: kernel workspaces "
-            f"and fragmentation come on top), more than was free. The iteration stopped partway "
-            f"(batch-norm statistics may have changed); {WAYS_OUT}.") from error
+            f"and fragmentation come on top), more than was free; {_at_peak(analysis)}. The iteration "
+            f"stopped partway (batch-norm statistics may have changed): {WAYS_OUT}.") from error
