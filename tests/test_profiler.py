@@ -420,6 +420,25 @@ def test_out_of_memory_while_profiling_names_the_step_peak_and_the_ways_out(monk
     assert isinstance(error.value, MutwoError) and is_out_of_memory(error.value)
 
 
+def test_the_fit_check_compares_the_peak_beyond_the_inputs_with_free_memory(monkeypatch):
+    """On the CPU with the GPU's answers stubbed: refused one byte short of
+    the simulated peak beyond the inputs, passed with exactly that free."""
+    from mutwo_backend import device_memory
+    from mutwo_backend.capture import capture_train_step
+    model, optimizer, x, y = mlp_case()
+    step = capture_train_step(mlp_step, model, optimizer, x, y)
+    analysis = run_pipeline(step.gm, step.hints)
+    needed = analysis.memory.peak_bytes - device_memory.resident_bytes(analysis)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "a GPU")
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(device_memory, "free_bytes", lambda device: needed)
+    device_memory.check_step_fits(cuda, analysis)
+    monkeypatch.setattr(device_memory, "free_bytes", lambda device: needed - 1)
+    with pytest.raises(mutwo_backend.StepDoesNotFitError, match=r"does not fit on cuda \(a GPU\).*at the peak "
+                       r"OPT_STATE [0-9.]+ KiB.*Nothing has run: use a smaller batch"):
+        device_memory.check_step_fits(cuda, analysis)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="free device memory is a GPU's")
 @pytest.mark.parametrize("entry", ["profile_train_step", "compile"])
 def test_a_step_that_cannot_fit_is_refused_before_it_runs_on_cuda(entry):
