@@ -338,8 +338,8 @@ def worker(args):
                 step(compiled, opt, *inputs)
             sync()
             aot_peak = own(torch.cuda.max_memory_allocated() if cuda else None, before)
-            rec.update(aot_peak_bytes=aot_peak, aot_param_max_diff=maxdiff(model, ref.get("snap4")),
-                       aot_wall_s=round(time.perf_counter() - t0, 2))
+            rec.update(aot_peak_bytes=aot_peak, aot_allocated_before_bytes=before,
+                       aot_param_max_diff=maxdiff(model, ref.get("snap4")), aot_wall_s=round(time.perf_counter() - t0, 2))
             if rec.get("measured_peak_bytes") is not None:
                 rec["peak_err_pct"] = pct(rec["measured_peak_bytes"], aot_peak)
         except Exception as e:
