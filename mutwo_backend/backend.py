@@ -316,6 +316,8 @@ class DynamoGraph:
         which = "forward graph" if forward else "backward graph"
 
         def run(args):
+            if not self.instrumenting:  # the user's training after the profile: errors left as they are
+                return run_graph(args)
             with out_of_memory_explained(self.device, self.analysis, which):
                 return run_graph(args)
 

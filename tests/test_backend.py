@@ -494,3 +494,22 @@ def test_compiled_step_peak_counts_the_eager_loss_between_the_graphs(warmup, mon
     assert memory["outside_graphs_peak_bytes"]["before_backward"] > memory["measured_graph_peak_bytes"]
     assert abs(memory["measured_peak_bytes"] - reference) <= 0.01 * reference
     assert any("outside the compiled graphs" in n for n in report.to_dict()["meta"]["notes"])
+
+
+def test_out_of_memory_while_profiling_a_compiled_model_is_explained(monkeypatch):
+    """An out-of-memory error in a profiled run of a compiled graph comes out
+    of the user's call as a StepDoesNotFitError naming the graph."""
+    from mutwo_backend.interpreter import ProfilingInterpreter
+    torch._dynamo.reset()
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.Adam(model.parameters())
+    compiled = torch.compile(model, backend="mutwo_profile", options={"warmup": 0, "iters": 1, "optimizer": optimizer})
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ProfilingInterpreter, "run_iteration", out_of_memory)
+    with pytest.raises(mutwo_backend.StepDoesNotFitError, match="during the forward graph.*smaller batch") as error:
+        compiled(torch.randn(4, 8)).sum().backward()
+    assert isinstance(error.value.__cause__, torch.OutOfMemoryError)
+    torch._dynamo.reset()
