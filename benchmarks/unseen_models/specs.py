@@ -40,6 +40,10 @@ ORDER = [
     ("swin_t", 75),
     ("t5_loss_inside", 50),
     ("densenet121", 90),
+    ("unet_groupnorm", 40),
+    ("custom_autograd_fn", 25),
+    ("weight_norm_sdpa_causal", 30),
+    ("ema_buffer_param_groups", 25),
 ]
 NAMES = [n for n, _ in ORDER]
 BUDGET = dict(ORDER)
@@ -192,6 +196,84 @@ def get(name, big):
                 return {"logits": y, "hidden": h}
             return y
 
+    class Swish(torch.autograd.Function):
+        """A hand-written activation with its own backward."""
+
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * torch.sigmoid(x)
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            s = torch.sigmoid(x)
+            return g * s * (1 + x * (1 - s))
+
+    class SwishMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2, self.l3 = nn.Linear(I, Hd), nn.Linear(Hd, Hd), nn.Linear(Hd, 10)
+
+        def forward(self, x):
+            return self.l3(Swish.apply(self.l2(Swish.apply(self.l1(x)))))
+
+    C, Bu, Su = (32, 8, 128) if big else (8, 2, 16)
+
+    class UNet(nn.Module):
+        """GroupNorm, InstanceNorm, a transposed conv, bilinear upsampling and a skip connection."""
+
+        def __init__(self):
+            super().__init__()
+            self.down1 = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), nn.GroupNorm(4, C), nn.SiLU())
+            self.down2 = nn.Sequential(nn.Conv2d(C, 2 * C, 3, stride=2, padding=1),
+                                       nn.InstanceNorm2d(2 * C, affine=True), nn.GELU())
+            self.up = nn.ConvTranspose2d(2 * C, C, 2, stride=2)
+            self.head = nn.Conv2d(2 * C, 10, 1)
+
+        def forward(self, x):
+            a = self.down1(x)
+            b = self.down2(a)
+            up = self.up(b) + F.interpolate(b, scale_factor=2, mode="bilinear", align_corners=False)[:, :C]
+            return self.head(torch.cat([a, up], 1)).mean((2, 3))
+
+    class WeightNormAttention(nn.Module):
+        """A weight-norm parametrized projection and causal scaled_dot_product_attention."""
+
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(V, D)
+            self.qkv = nn.utils.parametrizations.weight_norm(nn.Linear(D, 3 * D))
+            self.head = nn.Linear(D, V)
+
+        def forward(self, ids):
+            x = self.emb(ids)
+            q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 8, D // 8).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return self.head(x + a.transpose(1, 2).reshape(x.shape))
+
+    class EMAMLP(nn.Module):
+        """A buffer updated in forward under no_grad (a running mean and a counter)."""
+
+        def __init__(self):
+            super().__init__()
+            self.l1, self.ln, self.l2 = nn.Linear(I, Hd), nn.LayerNorm(Hd), nn.Linear(Hd, 10)
+            self.register_buffer("ema", torch.zeros(Hd))
+            self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+        def forward(self, x):
+            h = F.relu(self.ln(self.l1(x)))
+            with torch.no_grad():
+                self.ema.mul_(0.9).add_(h.mean(0), alpha=0.1)
+                self.count += 1
+            return self.l2(h - self.ema)
+
+    def adamw_decay_groups(params):
+        """The usual transformer recipe: no weight decay for biases and norms."""
+        return torch.optim.AdamW([{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "lr": 3e-4}],
+                                 lr=1e-3, fused=True)
+
     def frozen_mlp():
         m = MLP()
         m.l1.requires_grad_(False)
@@ -223,5 +305,12 @@ def get(name, big):
         "mlp_dropout": dict(build=lambda: MLP(drop=0.3), inputs=x_in, forward=fwd, loss=ce, opt=adam_fused),
         "graph_break_item": dict(build=lambda: MLP(brk="item"), inputs=x_in, forward=fwd, loss=ce, opt=adam_fused),
         "graph_break_tail_noparams": dict(build=lambda: MLP(brk="tail"), inputs=x_in, forward=fwd, loss=ce, opt=adam_fused),
+        "unet_groupnorm": dict(build=UNet, inputs=lambda g: (torch.randn(Bu, 3, Su, Su, generator=g),
+                                                             torch.randint(0, 10, (Bu,), generator=g)),
+                               forward=fwd, loss=ce, opt=adam_fused),
+        "custom_autograd_fn": dict(build=SwishMLP, inputs=x_in, forward=fwd, loss=ce, opt=adam_fused),
+        "weight_norm_sdpa_causal": dict(build=WeightNormAttention, inputs=lm_in, forward=lm_fwd, loss=lm_loss,
+                                        opt=adam_fused),
+        "ema_buffer_param_groups": dict(build=EMAMLP, inputs=x_in, forward=fwd, loss=ce, opt=adamw_decay_groups),
     }
     return S[name]
