@@ -277,8 +277,9 @@ class DynamoGraph:
 
         def open_peak_window(wait_for_calibration: bool) -> None:
             """From here the allocator's peak counts for the measured runs (the
-            first one's ``before_forward``). The swap calibration's device
-            buffer is freed before the last such reset, not counted in it."""
+            first one's ``before_forward``). The swap calibration's copies are
+            waited for before the last such reset: they do not run beside a
+            measured run, and their device buffer is not counted."""
             if wait_for_calibration:
                 swap_model(self.device)
             if allocator is not None:
@@ -308,7 +309,6 @@ class DynamoGraph:
             read_memory = (self.iterations >= opts.warmup + opts.iters - 1 and not self.stats.has_memory()
                            if forward else
                            bool(self.pending_forward) and self.pending_forward[0][0].peak_bytes is not None)
-            swap_model(self.device)  # the calibration's copies must not run beside a measured run
             out, record = interpreter.run_iteration(args, boxed=True, read_memory=read_memory)
             self._recorded(record, ranks, forward)
             return out

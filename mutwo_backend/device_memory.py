@@ -35,12 +35,17 @@ def resident_bytes(analysis: GraphAnalysis) -> int:
     return sum(analysis.output_bytes[n] for n in analysis.nodes if n.op == "placeholder")
 
 
+def needed_bytes(analysis: GraphAnalysis) -> int:
+    """The step's simulated peak beyond its inputs: what it allocates as it runs."""
+    return analysis.memory.peak_bytes - resident_bytes(analysis)
+
+
 def check_step_fits(device: torch.device, analysis: GraphAnalysis) -> None:
     """Raise StepDoesNotFitError if the step's simulated peak, beyond its
     inputs, exceeds what ``device`` has free. Nothing runs on the CPU."""
     if device.type != "cuda":
         return
-    needed = analysis.memory.peak_bytes - resident_bytes(analysis)
+    needed = needed_bytes(analysis)
     free = free_bytes(device)
     if needed > free:
         raise StepDoesNotFitError(
@@ -63,7 +68,7 @@ def out_of_memory_explained(device: torch.device, analysis: GraphAnalysis, what:
     try:
         yield
     except torch.cuda.OutOfMemoryError as error:
-        needed = analysis.memory.peak_bytes - resident_bytes(analysis)
+        needed = needed_bytes(analysis)
         raise StepDoesNotFitError(
             f"the step ran out of memory on {device} during the {what}: at its peak it needs "
             f"{needed / GIB:.2f} GiB beyond its inputs (simulated, a lower bound: kernel workspaces "

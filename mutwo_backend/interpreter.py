@@ -33,7 +33,7 @@ class IterationRecord:
     allocated_after_bytes: np.ndarray | None = None
     peak_bytes: np.ndarray | None = None
     output_bytes: np.ndarray | None = None
-    # The allocator's peak between the end of the previous run that read it
+    # The allocator's peak between the end of the previous run on the device
     # and the start of this one: code outside the graph, such as the eager
     # loss between torch.compile's forward and backward graphs. None where
     # the memory arrays are None.
