@@ -10,6 +10,7 @@ running it is a real training iteration.
 """
 
 import contextlib
+import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -30,11 +31,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from passes.hints import GraphHints
 
 from . import separator  # noqa: F401  (defines torch.ops.separator)
+from .device_memory import free_bytes
 from .errors import CaptureError
 from .lifetimes import EagerLifetimes
 from .optimizers import (CAPTURE_DECOMPOSITIONS, EagerOptimizer, check_supported, functionalize_fused_steps,
                          hyperparameters, init_state, remove_state)
+from .recording import StepRecorder
 
+logger = logging.getLogger(__name__)
 SEP = torch.ops.separator.sep.default
 SEP_BACKWARD = torch.ops.separator.sep_backward.default
 OPTIMIZER_UPDATE_OPS = frozenset({
@@ -152,13 +156,20 @@ class TrainStepGraph:
 
 
 def capture_train_step(train_step: Callable, model: nn.Module,
-                       optimizer: torch.optim.Optimizer, *example_args) -> TrainStepGraph:
+                       optimizer: torch.optim.Optimizer, *example_args, record: bool = True) -> TrainStepGraph:
     """Trace ``train_step(model, optimizer, *example_args)`` into one fx graph.
 
     ``train_step`` must call ``mutwo_backend.sep`` on the model output before the
     loss, then ``loss.backward()``, ``optimizer.step()`` and (usually)
     ``optimizer.zero_grad()``. Missing optimizer state is created as the first
-    step would; parameters are not changed."""
+    step would; parameters are not changed.
+
+    With ``record`` (the default) the step first runs for real on copies of
+    the model's state and optimizer state, with the random number generators
+    restored afterwards (recording.py: several times faster than make_fx);
+    where it cannot be recorded, or the copies would not fit in the device's
+    free memory, it is traced with make_fx on fake tensors, which gives the
+    same graph."""
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
     check_supported(optimizer, list(params.values()))
@@ -166,43 +177,35 @@ def capture_train_step(train_step: Callable, model: nn.Module,
 
     created = init_state(optimizer)
     try:
-        return _trace(train_step, model, optimizer, params, buffers, example_args)
+        return _capture(train_step, model, optimizer, params, buffers, example_args, record)
     except BaseException:
         remove_state(optimizer, created)
         raise
 
 
-def _trace(train_step, model, optimizer, params, buffers, example_args) -> TrainStepGraph:
+def _capture(train_step, model, optimizer, params, buffers, example_args, record) -> TrainStepGraph:
     name_of = {id(p): n for n, p in params.items()}
     state_keys = {name_of[id(p)]: [k for k, v in s.items() if isinstance(v, torch.Tensor)]
                   for p, s in optimizer.state.items() if id(p) in name_of}
     states = {n: {k: optimizer.state[params[n]][k] for k in keys} for n, keys in state_keys.items()}
-    watch = _StepWatch(optimizer)
-    lifetimes = EagerLifetimes()
+    inputs = (params, buffers, states, example_args)
 
-    def traced_step(p_in, b_in, s_in, args):
+    def step_on(watch, modes, p_in, b_in, s_in, args):
+        """The user's step with the model and optimizer pointed at the given
+        tensors, under ``modes`` (dispatch modes, entered in order)."""
         with _reparametrize_module(model, {**p_in, **b_in}, tie_weights=True), \
                 _optimizer_on(optimizer, name_of, p_in, s_in), _fake_tensors_pass_foreach_checks(), \
-                _grad_scaler_refused(), watch, lifetimes, _WritesToConstantsRefused():
+                _grad_scaler_refused(), watch, contextlib.ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode)
             out = train_step(model, optimizer, *args)
             grads = [p.grad for p in p_in.values()]
         return out, grads
 
-    try:
-        # Tensors that are neither inputs nor made by the step (a plain tensor
-        # attribute of the model, a loss's class weights) become graph constants.
-        # (a lazy GraphModule: its code is generated once, after the rewrite below)
-        with _use_lazy_graph_module(True):
-            traced = make_fx(traced_step, tracing_mode="fake", _allow_non_fake_inputs=True,
-                             decomposition_table=CAPTURE_DECOMPOSITIONS)(params, buffers, states, example_args)
-    except CaptureError:
-        raise
-    except Exception as error:
-        raise CaptureError(
-            f"tracing train_step failed: {type(error).__name__}: {error}\n" + _why_tracing_failed(model)
-        ) from error
-    functionalize_fused_steps(traced.graph)
-    gm = fx.GraphModule(traced, traced.graph)
+    captured = _record(step_on, optimizer, inputs) if record else None
+    if captured is None:
+        captured = _trace(step_on, optimizer, model, inputs)
+    gm, watch, freed_after = captured
     _check_graph(gm, watch)
     changed = _changed_hyperparameter(watch.hyperparameters, hyperparameters(optimizer))
     if changed:
@@ -215,8 +218,82 @@ def _trace(train_step, model, optimizer, params, buffers, example_args) -> Train
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     return TrainStepGraph(gm, model, optimizer, list(params), list(buffers), state_keys,
                           {n.name: role for n, role in zip(placeholders, roles.flat)},
-                          lifetimes.freed_after(gm.graph.output_node()), watch.hyperparameters,
-                          _non_tensor_arguments(example_args))
+                          freed_after, watch.hyperparameters, _non_tensor_arguments(example_args))
+
+
+def _trace(step_on, optimizer, model, inputs) -> tuple[fx.GraphModule, "_StepWatch", dict[str, str]]:
+    """make_fx on fake tensors; the graph, its step watch and EagerLifetimes' answer."""
+    watch = _StepWatch(optimizer)
+    lifetimes = EagerLifetimes()
+
+    def traced_step(p_in, b_in, s_in, args):  # (make_fx names the graph's inputs after these)
+        return step_on(watch, (lifetimes, _WritesToConstantsRefused()), p_in, b_in, s_in, args)
+
+    try:
+        # Tensors that are neither inputs nor made by the step (a plain tensor
+        # attribute of the model, a loss's class weights) become graph constants.
+        # (a lazy GraphModule: its code is generated once, after the rewrite below)
+        with _use_lazy_graph_module(True):
+            traced = make_fx(traced_step, tracing_mode="fake", _allow_non_fake_inputs=True,
+                             decomposition_table=CAPTURE_DECOMPOSITIONS)(*inputs)
+    except CaptureError:
+        raise
+    except Exception as error:
+        raise CaptureError(
+            f"tracing train_step failed: {type(error).__name__}: {error}\n" + _why_tracing_failed(model)
+        ) from error
+    functionalize_fused_steps(traced.graph)
+    gm = fx.GraphModule(traced, traced.graph)
+    return gm, watch, lifetimes.freed_after(gm.graph.output_node())
+
+
+def _record(step_on, optimizer, inputs) -> tuple[fx.GraphModule, "_StepWatch", dict[str, str]] | None:
+    """The step recorded on copies of ``inputs`` (recording.py), or None
+    where it cannot be: then the caller traces it."""
+    device = next((t.device for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)), None)
+    copies_bytes = sum(s.nbytes() for s in _storages(inputs).values())
+    if device is not None and device.type == "cuda" and copies_bytes > free_bytes(device) // 2:
+        logger.info("capture: copies of the state (%s B) would not leave room for the step; tracing "
+                    "with fake tensors", f"{copies_bytes:,}")
+        return None
+    watch = _StepWatch(optimizer)
+    recorder = StepRecorder(CAPTURE_DECOMPOSITIONS)
+    try:
+        copies = _copies(inputs)
+        recorder.add_inputs(["p_in", "b_in", "s_in", "args"], copies)
+        cuda_devices = [device] if device is not None and device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda_devices):
+            graph = recorder.finish(step_on(watch, (recorder,), *copies))
+        del copies
+    except CaptureError:
+        raise
+    except Exception as error:  # whatever it was, make_fx handles it or names it
+        logger.info("capture: could not record the step (%s: %s); tracing with fake tensors",
+                    type(error).__name__, error)
+        return None
+    functionalize_fused_steps(graph)
+    gm = fx.GraphModule(recorder.root, graph)
+    return gm, watch, recorder.freed_after(graph.output_node())
+
+
+def _storages(tree) -> dict[int, torch.UntypedStorage]:
+    """The distinct storages of the tensors in ``tree``."""
+    return {t.untyped_storage()._cdata: t.untyped_storage()
+            for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)}
+
+
+def _copies(tree):
+    """``tree`` with every tensor copied: same sizes, strides, offsets and
+    requires_grad, and tensors that share a storage share the copy's."""
+    copied = {key: torch.UntypedStorage(storage.nbytes(), device=storage.device).copy_(storage)
+              for key, storage in _storages(tree).items()}
+
+    def copy(tensor):
+        twin = torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(
+            copied[tensor.untyped_storage()._cdata], tensor.storage_offset(), tensor.size(), tensor.stride())
+        return twin.requires_grad_(tensor.requires_grad)
+
+    return pytree.tree_map_only(torch.Tensor, copy, tree)
 
 
 def _non_tensor_arguments(args) -> dict[str, object]:

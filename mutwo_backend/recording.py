@@ -1,0 +1,232 @@
+"""Record a train step into an fx graph by running it once for real.
+
+make_fx traces a step on fake tensors, and that costs a few milliseconds of
+Python per op (fake-tensor dispatch and caching, proxies, metadata): about
+3 s for ResNet-152 on an H200, longer than the step's own kernels. The
+recorder instead runs the step on copies of the model's state, watches
+every aten op the step issues (a TorchDispatchMode, as make_fx does), and
+writes the graph make_fx would write: the same ops and names, the same
+getitem nodes, graph constants and input structure, and in ``meta['val']``
+tensors on the ``meta`` device with the sizes, strides and storage sharing
+of the real values.
+
+Anything the recorder cannot copy exactly (a data-dependent op such as
+``.item()`` on a traced tensor, an in-place write to a tensor that is not an
+input, a tensor subclass) raises ``NotRecordable``; the capture then traces
+with make_fx, which gives the canonical error or handles the case.
+"""
+
+import operator
+import weakref
+
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
+
+aten = torch.ops.aten
+_DATA_DEPENDENT_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
+
+
+class NotRecordable(Exception):
+    """The step did something a recording cannot turn into the graph make_fx would trace."""
+
+
+class StepRecorder(TorchDispatchMode):
+    """Enter around the step, after ``add_inputs``; then ``finish(outputs)``
+    returns the GraphModule. ``decompositions`` is the capture's make_fx
+    decomposition table, applied the same way."""
+
+    def __init__(self, decompositions: dict):
+        super().__init__()
+        self.decompositions = decompositions
+        self.root = nn.Module()  # holds the graph's constants
+        self.graph = fx.Graph()
+        self._node_of = WeakTensorKeyDictionary()  # real tensor -> the node whose value it is
+        # hash(ScriptObject) (its C++ value's id; its Python wrappers differ) -> (it, its node)
+        self._opaque: dict[int, tuple[object, fx.Node]] = {}
+        self._constant_names: dict[int, tuple[torch.Tensor, str]] = {}
+        self._in_decomposition = 0
+        self._in_spec = None
+        self._arg_names: list[str] = []
+        # when eager drops each value (lifetimes.EagerLifetimes, for a recorded step)
+        self._died: dict[fx.Node, fx.Node] = {}
+        self._watched: list[fx.Node] = []
+        self._latest: fx.Node | None = None
+
+    # graph inputs
+
+    def add_inputs(self, names: list[str], values: tuple) -> None:
+        """One placeholder per tensor leaf of each of ``values``, named as
+        make_fx names them (``p_in_1``, ``p_in_2``, ...)."""
+        self._arg_names = list(names)
+        self._in_spec = pytree.tree_flatten(tuple(values))[1]
+        seen_storages: dict[int, torch.UntypedStorage] = {}
+        for name, value in zip(names, values):
+            for index, leaf in enumerate(pytree.tree_leaves(value), start=1):
+                node = self.graph.placeholder(f"{name}_{index}")
+                if isinstance(leaf, torch.Tensor):
+                    self._check_plain(leaf, "a graph input")
+                    node.meta["val"] = _meta_like(leaf, seen_storages)
+                    self._node_of[leaf] = node
+                else:
+                    node.meta["val"] = leaf
+
+    # recording
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        decomposition = self.decompositions.get(func)
+        if decomposition is not None:
+            self._in_decomposition += 1
+            try:
+                with self:
+                    out = decomposition(*args, **kwargs)
+            finally:
+                self._in_decomposition -= 1
+            if out is not NotImplemented:
+                self._watch_outputs(out)
+                return out
+        flat_inputs = list(_tensors_in((args, kwargs.values())))
+        traced_inputs = [x for x in flat_inputs if x in self._node_of]
+        self._refuse_unrecordable(func, args, kwargs, flat_inputs, traced_inputs)
+        if func is aten.lift_fresh.default:  # as make_fx: a constant must not be written through
+            func = aten.lift_fresh_copy.default
+        node = self.graph.create_node(
+            "call_function", func, self._to_nodes(args), self._to_nodes(kwargs),
+            name=self.graph._target_to_str(func.overloadpacket.__name__))
+        out = func(*args, **kwargs)
+        input_storages = {x.untyped_storage()._cdata: self._value_of(x).untyped_storage() for x in flat_inputs}
+        self._track(out, node, input_storages, {})
+        self._watch_outputs(out)
+        return out
+
+    def _refuse_unrecordable(self, func, args, kwargs, flat_inputs, traced_inputs) -> None:
+        for x in flat_inputs:
+            self._check_plain(x, f"an argument of {func}")
+        if traced_inputs and any(tag in func.tags for tag in _DATA_DEPENDENT_TAGS):
+            raise NotRecordable(f"{func} reads the values of a traced tensor (data-dependent code)")
+        if func._schema.is_mutable:
+            for index, argument in enumerate(func._schema.arguments):
+                value = args[index] if index < len(args) else kwargs.get(argument.name)
+                if argument.alias_info is None or not argument.alias_info.is_write:
+                    continue
+                written = value if isinstance(value, (list, tuple)) else [value]
+                if any(isinstance(t, torch.Tensor) and t not in self._node_of for t in written):
+                    raise NotRecordable(f"{func} writes in place to a tensor that is not an input of the step")
+
+    @staticmethod
+    def _check_plain(tensor: torch.Tensor, what: str) -> None:
+        if type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.layout != torch.strided:
+            raise NotRecordable(f"{what} is a {type(tensor).__name__} with layout {tensor.layout}")
+
+    def _to_nodes(self, value):
+        """Arguments as graph arguments: traced tensors become their nodes,
+        other tensors graph constants (a new get_attr node per use, as make_fx)."""
+        if isinstance(value, torch.Tensor):
+            node = self._node_of.get(value)
+            return node if node is not None else self._constant(value)
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._to_nodes(v) for v in value)
+        if isinstance(value, dict):
+            return {k: self._to_nodes(v) for k, v in value.items()}
+        if isinstance(value, torch.ScriptObject) and hash(value) in self._opaque:
+            return self._opaque[hash(value)][1]
+        return value
+
+    def _constant(self, tensor: torch.Tensor) -> fx.Node:
+        known = self._constant_names.get(id(tensor))
+        if known is None:
+            prefix = "_param_constant" if isinstance(tensor, nn.Parameter) else "_tensor_constant"
+            index = sum(name.startswith(prefix) for _, name in self._constant_names.values())
+            known = self._constant_names[id(tensor)] = (tensor, f"{prefix}{index}")
+            setattr(self.root, known[1], tensor)
+        return self.graph.get_attr(known[1])
+
+    def _value_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        node = self._node_of.get(tensor)
+        if node is not None:
+            return node.meta["val"]
+        return _meta_like(tensor, {})  # a constant: its own storage
+
+    def _track(self, out, node: fx.Node, input_storages: dict, fresh: dict):
+        """Give ``out`` (an op's result) ``node``, with getitem nodes for the
+        items of tuples and lists, and meta values that share storage where
+        the real values do: with an input (views, in-place results) or with
+        another output of the same op. Returns the meta value."""
+        if isinstance(out, torch.Tensor):
+            real = out.untyped_storage()._cdata
+            storage = input_storages.get(real)
+            if storage is None:
+                storage = fresh.setdefault(real, torch.UntypedStorage(out.untyped_storage().nbytes(),
+                                                                       device="meta"))
+            node.meta["val"] = _meta_on(storage, out)
+            self._node_of[out] = node
+        elif isinstance(out, (tuple, list)):
+            node.meta["val"] = type(out)(
+                self._track(item, self.graph.call_function(operator.getitem, (node, index)), input_storages, fresh)
+                for index, item in enumerate(out))
+        elif isinstance(out, torch.ScriptObject):  # a profiler range's handle
+            self._opaque[hash(out)] = (out, node)
+            node.meta["val"] = out
+        elif out is not None and not isinstance(out, (int, float, bool)):
+            raise NotRecordable(f"{node.target} returned a {type(out).__name__}")
+        return node.meta.get("val")
+
+    def _watch_outputs(self, out) -> None:
+        """Note when Python drops each tensor the op returned (not inside a
+        decomposition, whose inner ops eager never sees)."""
+        if self._in_decomposition:
+            return
+        for value in _tensors_in(out):
+            node = self._node_of.get(value)
+            if node is not None:
+                self._latest = node
+                self._watched.append(node)
+                weakref.finalize(value, self._note_death, node)
+
+    def _note_death(self, node: fx.Node) -> None:
+        if self._latest is not None:
+            self._died[node] = self._latest
+
+    # result
+
+    def finish(self, outputs) -> fx.Graph:
+        """The graph returning ``outputs`` (the step's results), flattened as
+        make_fx flattens them and called with the inputs' structure. Its
+        constants are attributes of ``self.root``."""
+        leaves, out_spec = pytree.tree_flatten(outputs)
+        self.graph.output([self._to_nodes(leaf) for leaf in leaves])
+        self.graph._codegen = fx.graph._PyTreeCodeGen(
+            fx.graph._PyTreeInfo(self._arg_names, self._in_spec, out_spec))
+        return self.graph
+
+    def freed_after(self, last: fx.Node) -> dict[str, str]:
+        """For each watched node, the node after which eager dropped its last
+        reference (EagerLifetimes.freed_after): call it once the step's real
+        values are dropped."""
+        return {node.name: self._died.get(node, last).name for node in self._watched}
+
+
+def _tensors_in(value):
+    """The tensors in an op's arguments or result, nested in tuples and
+    lists (a plain walk: pytree's is a third of the recording's time)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list, type({}.values()))):
+        for item in value:
+            yield from _tensors_in(item)
+
+
+def _meta_on(storage: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:
+    """A meta tensor on ``storage`` with ``like``'s dtype, sizes, strides and offset."""
+    return torch.empty(0, dtype=like.dtype, device="meta").set_(
+        storage, like.storage_offset(), like.size(), like.stride())
+
+
+def _meta_like(tensor: torch.Tensor, storages: dict[int, torch.UntypedStorage]) -> torch.Tensor:
+    """A meta copy of ``tensor``; tensors on one real storage share one meta storage."""
+    real = tensor.untyped_storage()
+    storage = storages.setdefault(real._cdata, torch.UntypedStorage(real.nbytes(), device="meta"))
+    return _meta_on(storage, tensor)
