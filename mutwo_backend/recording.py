@@ -26,6 +26,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
 aten = torch.ops.aten
+# op arguments a graph holds as they are
+_LITERALS = (bool, int, float, complex, str, torch.dtype, torch.device, torch.layout, torch.memory_format)
 _DATA_DEPENDENT_TAGS = (torch.Tag.data_dependent_output, torch.Tag.dynamic_output_shape)
 
 
@@ -46,7 +48,8 @@ class StepRecorder(TorchDispatchMode):
         self._node_of = WeakTensorKeyDictionary()  # real tensor -> the node whose value it is
         # hash(ScriptObject) (its C++ value's id; its Python wrappers differ) -> (it, its node)
         self._opaque: dict[int, tuple[object, fx.Node]] = {}
-        self._constant_names: dict[int, tuple[torch.Tensor, str]] = {}
+        self._constants: dict[int, tuple[torch.Tensor, str, torch.Tensor]] = {}  # id -> (it, name, meta)
+        self._constant_storages: dict[int, torch.UntypedStorage] = {}
         self._in_decomposition = 0
         self._in_spec = None
         self._arg_names: list[str] = []
@@ -133,22 +136,27 @@ class StepRecorder(TorchDispatchMode):
             return {k: self._to_nodes(v) for k, v in value.items()}
         if isinstance(value, torch.ScriptObject) and hash(value) in self._opaque:
             return self._opaque[hash(value)][1]
-        return value
+        if value is None or isinstance(value, _LITERALS):
+            return value
+        # a storage (cuDNN's RNN sets its weight buffer to the weights'), an
+        # unknown script object: baked in, the graph would keep reading the copies
+        raise NotRecordable(f"an op argument is a {type(value).__name__}, which a graph can only hold as it is")
 
     def _constant(self, tensor: torch.Tensor) -> fx.Node:
-        known = self._constant_names.get(id(tensor))
+        known = self._constants.get(id(tensor))
         if known is None:
             prefix = "_param_constant" if isinstance(tensor, nn.Parameter) else "_tensor_constant"
-            index = sum(name.startswith(prefix) for _, name in self._constant_names.values())
-            known = self._constant_names[id(tensor)] = (tensor, f"{prefix}{index}")
-            setattr(self.root, known[1], tensor)
-        return self.graph.get_attr(known[1])
+            name = f"{prefix}{sum(n.startswith(prefix) for _, n, _ in self._constants.values())}"
+            setattr(self.root, name, tensor)  # (which keeps it alive: its id and storage stay its own)
+            known = self._constants[id(tensor)] = (tensor, name, _meta_like(tensor, self._constant_storages))
+        node = self.graph.get_attr(known[1])
+        node.meta["val"] = known[2]
+        return node
 
     def _value_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The meta value of an op's tensor argument (a node's, or a constant's)."""
         node = self._node_of.get(tensor)
-        if node is not None:
-            return node.meta["val"]
-        return _meta_like(tensor, {})  # a constant: its own storage
+        return node.meta["val"] if node is not None else self._constants[id(tensor)][2]
 
     def _track(self, out, node: fx.Node, input_storages: dict, fresh: dict):
         """Give ``out`` (an op's result) ``node``, with getitem nodes for the
