@@ -188,7 +188,7 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
             step.run(*args, executor=functools.partial(profiler.run, read_memory=i == iters - 1))
     with phases.phase("report"):
         report = profiler.report({"model": model_name or type(model).__name__, "capture": "train-step",
-                                  "warmup": warmup})
+                                  "capture_method": step.capture_method, "warmup": warmup})
     return report.add_meta(phase_seconds=phases.seconds)
 
 

@@ -126,7 +126,8 @@ class Report:
                            ("optimizer", "optimizer")):
             if meta.get(key) is not None:
                 rows.append((label, str(meta[key])))
-        rows += [("capture", meta.get("capture", "-")),
+        capture = meta.get("capture", "-") + (f" ({meta['capture_method']})" if meta.get("capture_method") else "")
+        rows += [("capture", capture),
                  ("device", meta["device_name"]), ("torch", meta["torch_version"]),
                  ("timer", meta["timer"]),
                  ("iterations", f"{meta['warmup']} warm-up, {meta['iters']} measured"),

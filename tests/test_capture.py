@@ -168,6 +168,7 @@ def both_captures(case, optimizer_name):
         assert torch.equal(before[1], torch.get_rng_state())
     # the steady state the graph was recorded in is the one it trains from
     assert all(not v.any() for v in optimizer_tensors(model, optimizer) if v.dim() > 0)
+    assert [captured[False].capture_method, captured[True].capture_method] == ["traced", "recorded"]
     return captured[False], captured[True]
 
 
