@@ -78,15 +78,19 @@ def _graph_events(graph: dict, pid: int, offset_us: float) -> tuple[list[dict], 
     measured = memory.get("measured_allocated_after_bytes")
 
     def counters(ts, rank):
-        yield {"ph": "C", "name": "live memory by kind (bytes)", "pid": pid, "ts": ts,
-               "args": {kind: timeline[kind][rank] for kind in kinds}}
+        by_kind = {kind: timeline[kind][rank] for kind in kinds}
+        yield {"ph": "C", "name": "live memory by kind (bytes)", "pid": pid, "ts": ts, "args": by_kind}
         yield {"ph": "C", "name": "live memory (bytes)", "pid": pid, "ts": ts,
-               "args": {"simulated": sum(timeline[kind][rank] for kind in kinds),
-                        **({"measured": measured[rank]} if measured else {})}}
+               "args": {"simulated": sum(by_kind.values()), **({"measured": measured[rank]} if measured else {})}}
 
     if length:
         events += counters(start[0], 0)
     for rank in range(length):  # the value after node r, from the moment it ends
+        # a counter holds its value until the next sample: samples that repeat
+        # the previous one (views, getitems: half the nodes) are left out
+        if rank and all(timeline[k][rank] == timeline[k][rank - 1] for k in kinds) \
+                and not (measured and measured[rank] != measured[rank - 1]):
+            continue
         events += counters(start[rank + 1] if rank + 1 < len(start) else end_us, rank)
     events += _swap_events(graph["activations"], nodes, start_ns, pid)
     return events, end_us
