@@ -168,10 +168,11 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
     check_iterations(warmup, iters)
     device = next(model.parameters()).device
     phases = PhaseLog()
-    prepare_calibration(device)
     with phases.phase("capture"):
         step = capture_train_step(train_step, model, optimizer, *args)
     with phases.phase("passes"):
+        # pinning holds the CUDA driver: it would stall a recorded capture, not the passes
+        prepare_calibration(device)
         analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
         check_step_fits(device, analysis)  # before anything runs
         profiler = GraphProfiler(step.gm, analysis, device, timer, swap, step.freed_after)

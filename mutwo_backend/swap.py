@@ -4,7 +4,7 @@ A copy costs a fixed latency plus bytes over bandwidth, per direction: one
 constant bandwidth is wrong for small tensors (FACTS.md: 1 MiB moves at
 34 GB/s, 1 GiB at 54 GB/s on the H200). On a GPU the model is fitted to
 measured pinned copies from 64 KiB to 1 GiB, once per device and process
-(prepare_calibration pins the host buffer while the graph is captured, and
+(prepare_calibration pins the host buffer while host-only work runs, and
 start_calibration queues the copies so that the warm-up iteration hides
 them); on the CPU it is a documented default and marked estimated. (Fitted up to
 256 MiB only, it underestimated 1 GiB copies by 5 to 8% instead of 3 to 4%
@@ -81,9 +81,10 @@ def swap_model(device: torch.device) -> SwapModel:
 
 def prepare_calibration(device: torch.device) -> None:
     """Start pinning the calibration's host buffer on a helper thread, so
-    that the capture or compilation running meanwhile hides it: pinning
-    1 GiB takes longer than all the calibration's copies (0.42 s against
-    0.36 s on the H200's host)."""
+    that host-only work running meanwhile (the passes, a compilation) hides
+    it: pinning 1 GiB takes longer than all the calibration's copies (0.42 s
+    against 0.36 s on the H200's host). Work that calls CUDA waits for it:
+    pinning holds the driver (a recorded capture beside it took 0.55 s longer)."""
     if device.type == "cuda" and _indexed(device) not in _PINNED and _indexed(device) not in _MODELS:
         _PINNED[_indexed(device)] = _PINNER.submit(
             torch.empty, max(CALIBRATION_SIZES), dtype=torch.uint8, pin_memory=True)
