@@ -3,7 +3,10 @@ backend). matplotlib is an optional extra (``pip install 'mutwo[plot]'``):
 it is imported only when a plot is drawn; ``available()`` says whether it can
 be."""
 
+import importlib
 import importlib.util
+import sys
+import threading
 
 from .report import KINDS, _ordered, format_bytes, memory_graph
 
@@ -17,11 +20,25 @@ def available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg", force=True)
-    from matplotlib import pyplot
-    return pyplot
+def _figure(figsize: tuple[float, float]):
+    """A figure and its axes, drawn by Agg: matplotlib's object interface,
+    which leaves pyplot and the user's backend alone."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.add_subplot()
+
+
+def start_import() -> None:
+    """Import matplotlib on a helper thread, so that waits of the profiling
+    that release the GIL (pinning the swap calibration's host memory) hide
+    its half second; the first plot then finds it imported."""
+    if available() and "matplotlib.figure" not in sys.modules:
+        threading.Thread(target=_import, name="mutwo-import-matplotlib", daemon=True).start()
+
+
+def _import() -> None:
+    importlib.import_module("matplotlib.figure")
+    importlib.import_module("matplotlib.backends.backend_agg")  # what savefig draws PNGs with
 
 
 def _unit(max_bytes: float) -> tuple[float, str]:
@@ -43,7 +60,6 @@ def _title(data: dict) -> str:
 def memory_breakdown(data: dict, path: str) -> None:
     """One stacked bar: memory at the simulated peak by kind, each part
     labelled with its size and share of the peak."""
-    plt = _pyplot()
     memory = data["memory"]
     breakdown = memory["breakdown_at_peak"]
     kinds = [k for k in _ordered(breakdown, KINDS) if breakdown[k] > 0]
@@ -51,7 +67,7 @@ def memory_breakdown(data: dict, path: str) -> None:
     scale, unit = _unit(total)
     measured = memory.get("measured_peak_bytes")
     top = max(total, measured or 0) / scale
-    fig, ax = plt.subplots(figsize=(7, 6))
+    fig, ax = _figure((7, 6))
     bottom, centres = 0.0, []
     for kind in kinds:
         value = breakdown[kind] / scale
@@ -82,14 +98,12 @@ def memory_breakdown(data: dict, path: str) -> None:
     # the time of the two plots a report saves
     fig.subplots_adjust(left=0.12, right=0.98, bottom=0.07, top=0.9)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def memory_timeline(data: dict, path: str) -> None:
     """Simulated live memory per node rank stacked by kind, the regions
     shaded, the peak marked, and the allocator's measured curve on top when
     there is one (GPU)."""
-    plt = _pyplot()
     memory = data["memory"]
     timeline = memory["timeline"]
     kinds = [k for k in _ordered(timeline, KINDS) if any(timeline[k])]
@@ -99,7 +113,7 @@ def memory_timeline(data: dict, path: str) -> None:
     measured = memory.get("measured_allocated_after_bytes")
     nodes = memory_graph(data)["nodes"]
     scale, unit = _unit(max(totals + (measured or []) + [memory["peak_bytes"], 1]))
-    fig, ax = plt.subplots(figsize=(14, 5.5))
+    fig, ax = _figure((14, 5.5))
     for region, first, last in _region_spans(nodes[:length]):
         ax.axvspan(first - 0.5, last + 0.5, color=REGION_COLORS.get(region, "#f4f4f4"), zorder=0)
         ax.text((first + last) / 2, 1.0, region, transform=ax.get_xaxis_transform(), ha="center",
@@ -132,7 +146,6 @@ def memory_timeline(data: dict, path: str) -> None:
     ax.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.subplots_adjust(left=0.055, right=0.83, bottom=0.1, top=0.88)  # the legend on the right
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _region_spans(nodes: list[dict]) -> list[tuple[str, int, int]]:
@@ -149,7 +162,6 @@ def _region_spans(nodes: list[dict]) -> list[tuple[str, int, int]]:
 def peak_memory_vs_batch(sweep: dict, path: str) -> None:
     """Stacked bars of memory at the peak by kind, one bar per batch size;
     out-of-memory batch sizes are marked."""
-    plt = _pyplot()
     runs = sweep["runs"]
     ok = [r for r in runs if r["status"] == "ok"]
     kinds = [k for k in KINDS if any(r["breakdown_at_peak"].get(k, 0) for r in ok)]
@@ -157,7 +169,7 @@ def peak_memory_vs_batch(sweep: dict, path: str) -> None:
     scale, unit = _unit(top)
     labels = [str(r["batch_size"]) for r in runs]
     x = list(range(len(runs)))
-    fig, ax = plt.subplots(figsize=(max(7, 1.1 * len(runs) + 4), 5.5))
+    fig, ax = _figure((max(7, 1.1 * len(runs) + 4), 5.5))
     bottom = [0.0] * len(runs)
     for kind in kinds:
         values = [r["breakdown_at_peak"].get(kind, 0) / scale if r["status"] == "ok" else 0 for r in runs]
@@ -182,16 +194,14 @@ def peak_memory_vs_batch(sweep: dict, path: str) -> None:
     ax.legend(handles[::-1], names[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def latency_vs_batch(sweep: dict, path: str) -> None:
     """Iteration time (sum of node medians) per batch size, and throughput."""
-    plt = _pyplot()
     ok = [r for r in sweep["runs"] if r["status"] == "ok"]
     sizes = [r["batch_size"] for r in ok]
     times = [r["iteration_time_ms"] for r in ok]
-    fig, ax = plt.subplots(figsize=(7, 5.5))
+    fig, ax = _figure((7, 5.5))
     if len(sizes) > 1 and max(sizes) >= 4 * min(sizes):
         ax.set_xscale("log", base=2)
     ax.plot(sizes, times, marker="o", color="#4c72b0", label="iteration time (ms)")
@@ -220,7 +230,6 @@ def latency_vs_batch(sweep: dict, path: str) -> None:
     ax.set_title(f"Iteration latency vs mini-batch size: {_sweep_title(sweep)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _sweep_title(sweep: dict) -> str:

@@ -9,6 +9,7 @@ from torch import fx
 
 from passes import GraphAnalysis, run_pipeline
 
+from . import plots
 from .capture import capture_train_step
 from .device_memory import check_step_fits, out_of_memory_explained
 from .errors import MutwoError
@@ -171,8 +172,11 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
     with phases.phase("capture"):
         step = capture_train_step(train_step, model, optimizer, *args)
     with phases.phase("passes"):
-        # pinning holds the CUDA driver: it would stall a recorded capture, not the passes
+        # pinning holds the CUDA driver: it would stall a recorded capture, not the passes;
+        # waiting for it, start_calibration releases the GIL for matplotlib's import
         prepare_calibration(device)
+        if device.type == "cuda":
+            plots.start_import()
         analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
         check_step_fits(device, analysis)  # before anything runs
         profiler = GraphProfiler(step.gm, analysis, device, timer, swap, step.freed_after)
