@@ -58,6 +58,9 @@ class ProfilingInterpreter(fx.Interpreter):
     ``freed_after`` names for them if that comes later: where eager drops
     its last reference (lifetimes.py), so that memory is eager's.
 
+    With ``span_iterations`` the cupti timer profiles every iteration in
+    one session: call ``flush_timer()`` before reading their times.
+
     ``getitem`` nodes (Python indexing into a multi-output op's result, 40%
     of a ResNet-152 train step's nodes) launch no kernel and allocate
     nothing: they are not timed (0 ms) and repeat the allocator reading of
@@ -66,7 +69,8 @@ class ProfilingInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, device: torch.device, timer: str,
                  swap_out_after: Mapping[str, Sequence[str]] = None,
                  swap_in_before: Mapping[str, Sequence[str]] = None,
-                 measure_swaps: bool = False, freed_after: Mapping[str, str] = None):
+                 measure_swaps: bool = False, freed_after: Mapping[str, str] = None,
+                 span_iterations: bool = False):
         super().__init__(gm, garbage_collect_values=True)
         self.nodes = list(gm.graph.nodes)
         self.index = {n: i for i, n in enumerate(self.nodes)}
@@ -75,7 +79,7 @@ class ProfilingInterpreter(fx.Interpreter):
         self.device = device
         self.timer_name = timer
         self.untimed = frozenset(i for i, n in enumerate(self.nodes) if _is_getitem(n))
-        self.timer = make_timer(timer, len(self.nodes), self.untimed)
+        self.timer = make_timer(timer, len(self.nodes), self.untimed, span_iterations)
         self.on_cuda = device.type == "cuda"
         self._allocator = AllocatorReadings(device) if self.on_cuda else None
         self.swap_out_after = {self.by_name[k]: v for k, v in (swap_out_after or {}).items()}
@@ -115,6 +119,9 @@ class ProfilingInterpreter(fx.Interpreter):
         self.timer.start_iteration()
         try:
             out = self.boxed_run(args[0]) if boxed else self.run(*args)
+        except BaseException:
+            self.timer.flush()  # a profiler session must not outlive a failed run
+            raise
         finally:
             # fx.Interpreter keeps its env after run(): the output node's entry
             # would hold the outputs (a forward graph's saved activations)
@@ -131,6 +138,11 @@ class ProfilingInterpreter(fx.Interpreter):
         if self.swaps is not None:
             record.swap_out_measured_ms, record.swap_in_measured_ms = self.swaps.finish()
         return out, record
+
+    def flush_timer(self) -> None:
+        """Fill in the times of iterations whose timer spans them (cupti with
+        ``span_iterations``); their records hold zeros until then."""
+        self.timer.flush()
 
     def call_function(self, target, args, kwargs):
         """Optimizer ops run as the eager optimizer does: functional fused

@@ -29,7 +29,8 @@ class GraphProfiler:
 
     ``freed_after`` (a TrainStepGraph's) frees values where eager does.
     Call ``run(*graph_inputs)`` per iteration, ``reset_stats()`` after the
-    warm-up, then ``aggregate_stats()`` / ``print_stats()`` / ``report()``."""
+    warm-up, then ``aggregate_stats()`` / ``print_stats()`` / ``report()``
+    (on a GPU, the profiler that times the runs stays on until one of those)."""
 
     def __init__(self, gm: fx.GraphModule, analysis: GraphAnalysis, device: torch.device,
                  timer: str | None = None, swap: str = "model", freed_after: dict[str, str] | None = None):
@@ -38,8 +39,10 @@ class GraphProfiler:
         self.gm, self.analysis, self.device, self.swap = gm, analysis, device, swap
         self.timer = timer or default_timer(device)
         swap_out_after, swap_in_before = swap_points(analysis)
+        # one profiler session over the measured iterations, closed when their statistics are read
         self.interpreter = ProfilingInterpreter(gm, device, self.timer, swap_out_after, swap_in_before,
-                                                measure_swaps=swap == "measure", freed_after=freed_after)
+                                                measure_swaps=swap == "measure", freed_after=freed_after,
+                                                span_iterations=True)
         self.stats = Statistics()
 
     def run(self, *graph_inputs, read_memory: bool | None = None):
@@ -55,9 +58,11 @@ class GraphProfiler:
 
     def reset_stats(self) -> None:
         """Drop the iterations so far (the warm-up)."""
+        self.interpreter.flush_timer()
         self.stats.reset()
 
     def aggregate_stats(self) -> NodeStatistics:
+        self.interpreter.flush_timer()
         return self.stats.aggregate()
 
     def print_stats(self) -> None:
