@@ -3,10 +3,7 @@ backend). matplotlib is an optional extra (``pip install 'mutwo[plot]'``):
 it is imported only when a plot is drawn; ``available()`` says whether it can
 be."""
 
-import importlib
 import importlib.util
-import sys
-import threading
 
 from .report import KINDS, _ordered, format_bytes, memory_graph
 
@@ -26,19 +23,6 @@ def _figure(figsize: tuple[float, float]):
     from matplotlib.figure import Figure
     fig = Figure(figsize=figsize)
     return fig, fig.add_subplot()
-
-
-def start_import() -> None:
-    """Import matplotlib on a helper thread, so that waits of the profiling
-    that release the GIL (pinning the swap calibration's host memory) hide
-    its half second; the first plot then finds it imported."""
-    if available() and "matplotlib.figure" not in sys.modules:
-        threading.Thread(target=_import, name="mutwo-import-matplotlib", daemon=True).start()
-
-
-def _import() -> None:
-    importlib.import_module("matplotlib.figure")
-    importlib.import_module("matplotlib.backends.backend_agg")  # what savefig draws PNGs with
 
 
 def _unit(max_bytes: float) -> tuple[float, str]:

@@ -9,7 +9,6 @@ from torch import fx
 
 from passes import GraphAnalysis, run_pipeline
 
-from . import plots
 from .capture import capture_train_step
 from .device_memory import check_step_fits, out_of_memory_explained
 from .errors import MutwoError
@@ -29,20 +28,22 @@ class GraphProfiler:
 
     ``freed_after`` (a TrainStepGraph's) frees values where eager does.
     Call ``run(*graph_inputs)`` per iteration, ``reset_stats()`` after the
-    warm-up, then ``aggregate_stats()`` / ``print_stats()`` / ``report()``
-    (on a GPU, the profiler that times the runs stays on until one of those)."""
+    warm-up, then ``aggregate_stats()`` / ``print_stats()`` / ``report()``.
+    With ``span_iterations`` the GPU profiler that times the runs (cupti)
+    stays on from the first run to one of those: one session instead of one
+    per run (profile_train_step, which reads the statistics right after)."""
 
     def __init__(self, gm: fx.GraphModule, analysis: GraphAnalysis, device: torch.device,
-                 timer: str | None = None, swap: str = "model", freed_after: dict[str, str] | None = None):
+                 timer: str | None = None, swap: str = "model", freed_after: dict[str, str] | None = None,
+                 span_iterations: bool = False):
         if swap not in SWAP_MODES:
             raise MutwoError(f"unknown swap mode {swap!r}: choose one of {', '.join(SWAP_MODES)}")
         self.gm, self.analysis, self.device, self.swap = gm, analysis, device, swap
         self.timer = timer or default_timer(device)
         swap_out_after, swap_in_before = swap_points(analysis)
-        # one profiler session over the measured iterations, closed when their statistics are read
         self.interpreter = ProfilingInterpreter(gm, device, self.timer, swap_out_after, swap_in_before,
                                                 measure_swaps=swap == "measure", freed_after=freed_after,
-                                                span_iterations=True)
+                                                span_iterations=span_iterations)
         self.stats = Statistics()
 
     def run(self, *graph_inputs, read_memory: bool | None = None):
@@ -177,14 +178,11 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
     with phases.phase("capture"):
         step = capture_train_step(train_step, model, optimizer, *args)
     with phases.phase("passes"):
-        # pinning holds the CUDA driver: it would stall a recorded capture, not the passes;
-        # waiting for it, start_calibration releases the GIL for matplotlib's import
+        # page-locking holds the CUDA driver: it would stall a recorded capture, not the passes
         prepare_calibration(device)
-        if device.type == "cuda":
-            plots.start_import()
         analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
         check_step_fits(device, analysis)  # before anything runs
-        profiler = GraphProfiler(step.gm, analysis, device, timer, swap, step.freed_after)
+        profiler = GraphProfiler(step.gm, analysis, device, timer, swap, step.freed_after, span_iterations=True)
         # the calibration's copies run on the GPU beside the warm-up, when it has room
         start_calibration(device, analysis.memory.peak_bytes)
     with phases.phase(f"warm-up ({_iterations(warmup)})"), out_of_memory_explained(device, analysis, "warm-up"):
@@ -196,6 +194,7 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, ite
             out_of_memory_explained(device, analysis, "measurement"):
         for i in range(iters):  # the allocator is read in the last (with no warm-up, not a first run)
             step.run(*args, executor=functools.partial(profiler.run, read_memory=i == iters - 1))
+        profiler.interpreter.flush_timer()  # the GPU's kernel times, attributed to nodes
     with phases.phase("report"):
         report = profiler.report({"model": model_name or type(model).__name__, "capture": "train-step",
                                   "capture_method": step.capture_method, "warmup": warmup})
