@@ -264,6 +264,7 @@ def worker(args):
         measured_peak = own(mem.get("measured_peak_bytes"), before)
         return dict(
             time_to_report_s=round(t_report, 2), phase_seconds=meta.get("phase_seconds"), timer=meta.get("timer"),
+            capture_method=meta.get("capture_method"),
             iteration_time_ms=meta.get("iteration_time_ms"), instrumented_wall_ms=meta.get("instrumented_wall_ms"),
             node_time_sum_ms=round(sum(n["run_time_ms"] for n in nodes), 3),
             eager_kernel_ms=ref.get("kernel_ms"), iter_err_pct=pct(meta.get("iteration_time_ms"), ref.get("kernel_ms")),
@@ -350,7 +351,7 @@ def worker(args):
         return rec
 
     def brief(rec):
-        keys = ["ok", "time_to_report_s", "peak_err_pct", "sim_peak_err_pct", "iter_err_pct", "opt_err_pct",
+        keys = ["ok", "capture_method", "time_to_report_s", "peak_err_pct", "sim_peak_err_pct", "iter_err_pct", "opt_err_pct",
                 "param_max_diff", "eager_peak_bytes", "eager_kernel_ms", "eager_opt_kernel_ms", "graphs",
                 "error_type", "error", "mutwo_frame", "aot_baseline", "model_freed"]
         return json.dumps({k: rec[k] for k in keys if rec.get(k) is not None}, default=str)[:600]
