@@ -111,7 +111,7 @@ class StepRecorder(TorchDispatchMode):
     def _refuse_unrecordable(self, func, args, kwargs, flat_inputs, traced_inputs) -> None:
         for x in flat_inputs:
             self._check_plain(x, f"an argument of {func}")
-        if traced_inputs and any(tag in func.tags for tag in _DATA_DEPENDENT_TAGS):
+        if traced_inputs and any(tag in func.tags for tag in _DATA_DEPENDENT_TAGS) and not _static_index(func, args):
             raise NotRecordable(f"{func} reads the values of a traced tensor (data-dependent code)")
         if func._schema.is_mutable:
             for index, argument in enumerate(func._schema.arguments):
@@ -219,6 +219,13 @@ class StepRecorder(TorchDispatchMode):
         reference (EagerLifetimes.freed_after): call it once the step's real
         values are dropped."""
         return {node.name: self._died.get(node, last).name for node in self._watched}
+
+
+def _static_index(func, args) -> bool:
+    """Indexing by integer tensors (swin's relative position table): its
+    shape is the indices', whatever their values; only masks make it data-dependent."""
+    return func is aten.index.Tensor and all(
+        index is None or index.dtype not in (torch.bool, torch.uint8) for index in args[1])
 
 
 def _tensors_in(value):

@@ -84,6 +84,24 @@ def constant_and_checkpoint_case():
     return ConstantAndCheckpoint(), (torch.randn(8, 32), torch.randint(0, 10, (8,))), get_model("mlp")
 
 
+class RelativePositionBias(nn.Module):
+    """A learned table read through an integer index buffer, as Swin's
+    relative position bias: indexing whose shape does not depend on values."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(7, 16))
+        self.register_buffer("index", torch.randint(0, 7, (16,)))
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(x + self.table[self.index].sum(0))
+
+
+def relative_position_case():
+    return RelativePositionBias(), (torch.randn(4, 16), torch.randint(0, 10, (4,))), get_model("mlp")
+
+
 def zoo_case(name, batch_size, seq_len=16):
     spec = get_model(name)
     return spec.build(), spec.make_batch(batch_size, seq_len, torch.device("cpu")), spec
@@ -94,6 +112,7 @@ CASES = {
     "small-cnn": small_cnn_case,
     "lstm": lstm_case,
     "constant-and-checkpoint": constant_and_checkpoint_case,
+    "relative-position": relative_position_case,
     "resnet18": lambda: zoo_case("resnet18", 2),
     "bert-tiny": lambda: zoo_case("bert-tiny", 2),
 }
@@ -183,6 +202,28 @@ def test_recorded_step_is_the_graph_make_fx_traces(case, optimizer_name):
     assert [m.peak_bytes for m in memory] == [memory[0].peak_bytes] * 2
     for kind in memory[0].kinds:
         assert list(memory[1].timeline_of(kind)) == list(memory[0].timeline_of(kind))
+
+
+def test_a_boolean_mask_is_traced_not_recorded():
+    """Indexing by a mask has a shape that depends on the values: the
+    recording refuses it, make_fx traces it with a symbolic size, and the
+    passes say they cannot size it."""
+    model, (inputs, targets), spec = zoo_case("mlp", 4)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    before = snapshot(model, optimizer)
+
+    def masked_step(model, optimizer, inputs, targets):
+        out = mutwo_backend.sep(model(inputs))
+        loss = nn.functional.cross_entropy(out[targets >= 0], targets[targets >= 0])
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    step = capture_train_step(masked_step, model, optimizer, inputs, targets)
+    assert step.capture_method == "traced"
+    assert all(torch.equal(before[0][k], v) for k, v in model.state_dict().items())
+    with pytest.raises(mutwo_backend.MutwoError, match="depends on tensor values"):
+        run_pipeline(step.gm, step.hints)
 
 
 def test_recording_sees_the_lstm_workspace_fake_tensors_miss():
