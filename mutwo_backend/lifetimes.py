@@ -4,8 +4,9 @@ A graph can free a value after its last reader; eager frees a tensor when
 its last reference goes. The two differ where the user's code holds a
 reference: ``out = model(x)`` keeps the model output alive through backward
 and the optimizer step, ``.grad`` keeps a gradient until ``zero_grad``. The
-capture runs the user's real Python code on fake tensors, so those
-references are real while it traces: ``EagerLifetimes`` watches every
+capture runs the user's real Python code, so those references are real
+while it runs: ``EagerLifetimes`` (for make_fx on fake tensors; the
+recorder of recording.py does the same for a recorded step) watches every
 tensor an op returns and, when Python collects it, notes the last node
 traced so far. The memory pass and the profiling interpreter then free each
 value where eager would (never before the graph's last read of it).
