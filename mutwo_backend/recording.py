@@ -95,6 +95,8 @@ class StepRecorder(TorchDispatchMode):
         flat_inputs = list(_tensors_in((args, kwargs.values())))
         traced_inputs = [x for x in flat_inputs if x in self._node_of]
         self._refuse_unrecordable(func, args, kwargs, flat_inputs, traced_inputs)
+        if not traced_inputs and any(tag in func.tags for tag in _DATA_DEPENDENT_TAGS):
+            return func(*args, **kwargs)  # a value of constants: baked into the graph, as make_fx does
         if func is aten.lift_fresh.default:  # as make_fx: a constant must not be written through
             func = aten.lift_fresh_copy.default
         name = self._names.get(func)

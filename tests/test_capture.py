@@ -65,19 +65,22 @@ def lstm_case():
 
 
 class ConstantAndCheckpoint(nn.Module):
-    """A plain tensor attribute (not a buffer: a constant of the graph) and
-    activation checkpointing (its recomputation traced into backward)."""
+    """Plain tensor attributes (not buffers: constants of the graph), one
+    read as a number, and activation checkpointing (its recomputation
+    traced into backward)."""
 
     def __init__(self):
         super().__init__()
         self.up, self.down, self.head = nn.Linear(32, 64), nn.Linear(64, 32), nn.Linear(32, 10)
         self.scale = torch.linspace(0.5, 1.5, 32)
+        self.gain = torch.tensor(0.5)
 
     def block(self, x):
         return self.down(torch.relu(self.up(x)))
 
     def forward(self, x):
-        return self.head(torch.utils.checkpoint.checkpoint(self.block, x * self.scale, use_reentrant=False))
+        x = x * self.scale * self.gain.item()
+        return self.head(torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False))
 
 
 def constant_and_checkpoint_case():
