@@ -37,8 +37,9 @@ class NotRecordable(Exception):
 
 class StepRecorder(TorchDispatchMode):
     """Enter around the step, after ``add_inputs``; then ``finish(outputs)``
-    returns the GraphModule. ``decompositions`` is the capture's make_fx
-    decomposition table, applied the same way."""
+    returns the graph, whose constants ``root`` holds, and
+    ``freed_after(...)`` when eager dropped each value. ``decompositions``
+    is the capture's make_fx decomposition table, applied the same way."""
 
     def __init__(self, decompositions: dict):
         super().__init__()
@@ -104,8 +105,9 @@ class StepRecorder(TorchDispatchMode):
             name = self._names[func] = self.graph._target_to_str(func.overloadpacket.__name__)
         node = self.graph.create_node("call_function", func, self._to_nodes(args), self._to_nodes(kwargs),
                                       name=name)
-        out = func(*args, **kwargs)
+        # (read before the op runs: set_ gives a tensor another storage)
         input_storages = {x.untyped_storage()._cdata: self._value_of(x).untyped_storage() for x in flat_inputs}
+        out = func(*args, **kwargs)
         self._track(out, node, input_storages, {})
         self._watch_outputs(out)
         return out
@@ -177,10 +179,10 @@ class StepRecorder(TorchDispatchMode):
             node.meta["val"] = _meta_on(storage, out)
             self._node_of[out] = node
         elif isinstance(out, (tuple, list)):
-            node.meta["val"] = type(out)(
-                self._track(item, self.graph.create_node("call_function", operator.getitem, (node, index),
-                                                         name="getitem"), input_storages, fresh)
-                for index, item in enumerate(out))
+            values = [self._track(item, self.graph.create_node("call_function", operator.getitem, (node, index),
+                                                               name="getitem"), input_storages, fresh)
+                      for index, item in enumerate(out)]
+            node.meta["val"] = values if isinstance(out, list) else tuple(values)
         elif isinstance(out, torch.ScriptObject):  # a profiler range's handle
             self._opaque[hash(out)] = (out, node)
             node.meta["val"] = out
