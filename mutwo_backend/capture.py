@@ -1,12 +1,14 @@
-"""Whole train-step capture: forward, loss, backward and optimizer step traced
-into ONE fx graph with make_fx on fake tensors.
+"""Whole train-step capture: forward, loss, backward and optimizer step in ONE
+fx graph.
 
-The user's ``train_step(model, optimizer, *args)`` runs once under make_fx
-with the model's parameters, buffers and the optimizer's state swapped for
-traced stand-ins (``_reparametrize_module``), so the real tensors are never
-touched while tracing. The graph takes the real tensors as inputs and
-updates them in place (copy_, in-place optimizer and batch-norm ops), so
-running it is a real training iteration.
+The user's ``train_step(model, optimizer, *args)`` runs with the model's
+parameters, buffers and the optimizer's state swapped for stand-ins
+(``_reparametrize_module``), so the real tensors are never touched: copies
+of them, on which the step runs for real while recording.py writes down its
+ops, or fake tensors that make_fx traces where a step cannot be recorded
+(then train_step's Python runs twice). The graph takes the real tensors as
+inputs and updates them in place (copy_, in-place optimizer and batch-norm
+ops), so running it is a real training iteration.
 """
 
 import contextlib
