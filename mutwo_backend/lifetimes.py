@@ -20,6 +20,32 @@ from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+class LastReferences:
+    """For each watched value, the latest node recorded when Python dropped
+    the tensor that holds it."""
+
+    def __init__(self):
+        self._died: dict[fx.Node, fx.Node] = {}
+        self._watched: list[fx.Node] = []
+        self._latest: fx.Node | None = None
+
+    def watch(self, tensor: Tensor, node: fx.Node) -> None:
+        """``tensor`` is ``node``'s value, just made: the latest node so far."""
+        self._latest = node
+        self._watched.append(node)
+        weakref.finalize(tensor, self._note_death, node)
+
+    def _note_death(self, node: fx.Node) -> None:
+        if self._latest is not None:
+            self._died[node] = self._latest
+
+    def freed_after(self, last: fx.Node) -> dict[str, str]:
+        """Watched node name -> the name of the node after which eager
+        dropped its last reference. Values still referenced when the step
+        ended (outputs, values a module or the optimizer kept) live to ``last``."""
+        return {node.name: self._died.get(node, last).name for node in self._watched}
+
+
 class EagerLifetimes(TorchDispatchMode):
     """Enter inside make_fx, around the user's code. Afterwards
     ``freed_after(output_node)`` maps each watched node's name to the name of
@@ -27,9 +53,7 @@ class EagerLifetimes(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self._died: dict[fx.Node, fx.Node] = {}
-        self._watched: list[fx.Node] = []
-        self._latest: fx.Node | None = None
+        self.references = LastReferences()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -40,19 +64,8 @@ class EagerLifetimes(TorchDispatchMode):
             if isinstance(value, Tensor):
                 traced = get_proxy_slot(value, mode.tracer, None)
                 if traced is not None:
-                    self._watch(value, traced.proxy.node)
+                    self.references.watch(value, traced.proxy.node)
         return out
 
-    def _watch(self, tensor: Tensor, node: fx.Node) -> None:
-        self._latest = node
-        self._watched.append(node)
-        weakref.finalize(tensor, self._note_death, node)
-
-    def _note_death(self, node: fx.Node) -> None:
-        if self._latest is not None:
-            self._died[node] = self._latest
-
     def freed_after(self, last: fx.Node) -> dict[str, str]:
-        """Watched values still referenced when tracing ended (outputs,
-        values a module or the optimizer kept) live to ``last``."""
-        return {node.name: self._died.get(node, last).name for node in self._watched}
+        return self.references.freed_after(last)

@@ -17,13 +17,14 @@ with make_fx, which gives the canonical error or handles the case.
 """
 
 import operator
-import weakref
 
 import torch
 import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
+
+from .lifetimes import LastReferences
 
 aten = torch.ops.aten
 # op arguments a graph holds as they are
@@ -55,10 +56,7 @@ class StepRecorder(TorchDispatchMode):
         self._names: dict = {}  # op -> the name make_fx gives its nodes
         self._in_spec = None
         self._arg_names: list[str] = []
-        # when eager drops each value (lifetimes.EagerLifetimes, for a recorded step)
-        self._died: dict[fx.Node, fx.Node] = {}
-        self._watched: list[fx.Node] = []
-        self._latest: fx.Node | None = None
+        self._references = LastReferences()  # when eager drops each value, as EagerLifetimes notes it
 
     # graph inputs
 
@@ -198,13 +196,7 @@ class StepRecorder(TorchDispatchMode):
         for value in _tensors_in(out):
             node = self._node_of.get(value)
             if node is not None:
-                self._latest = node
-                self._watched.append(node)
-                weakref.finalize(value, self._note_death, node)
-
-    def _note_death(self, node: fx.Node) -> None:
-        if self._latest is not None:
-            self._died[node] = self._latest
+                self._references.watch(value, node)
 
     # result
 
@@ -222,7 +214,7 @@ class StepRecorder(TorchDispatchMode):
         """For each watched node, the node after which eager dropped its last
         reference (EagerLifetimes.freed_after): call it once the step's real
         values are dropped."""
-        return {node.name: self._died.get(node, last).name for node in self._watched}
+        return self._references.freed_after(last)
 
 
 def _static_index(func, args) -> bool:
