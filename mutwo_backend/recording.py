@@ -24,6 +24,8 @@ from torch import fx, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from passes.storage import tensors_in
+
 from .lifetimes import LastReferences
 
 aten = torch.ops.aten
@@ -91,7 +93,7 @@ class StepRecorder(TorchDispatchMode):
             if out is not NotImplemented:
                 self._watch_outputs(out)
                 return out
-        flat_inputs = list(_tensors_in((args, kwargs.values())))
+        flat_inputs = list(tensors_in((args, tuple(kwargs.values()))))
         traced_inputs = [x for x in flat_inputs if x in self._node_of]
         self._refuse_unrecordable(func, args, kwargs, flat_inputs, traced_inputs)
         if not traced_inputs and any(tag in func.tags for tag in _DATA_DEPENDENT_TAGS):
@@ -193,7 +195,7 @@ class StepRecorder(TorchDispatchMode):
         decomposition, whose inner ops eager never sees)."""
         if self._in_decomposition:
             return
-        for value in _tensors_in(out):
+        for value in tensors_in(out):
             node = self._node_of.get(value)
             if node is not None:
                 self._references.watch(value, node)
@@ -222,16 +224,6 @@ def _static_index(func, args) -> bool:
     shape is the indices', whatever their values; only masks make it data-dependent."""
     return func is aten.index.Tensor and all(
         index is None or index.dtype not in (torch.bool, torch.uint8) for index in args[1])
-
-
-def _tensors_in(value):
-    """The tensors in an op's arguments or result, nested in tuples and
-    lists (a plain walk: pytree's is a third of the recording's time)."""
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (tuple, list, type({}.values()))):
-        for item in value:
-            yield from _tensors_in(item)
 
 
 def _meta_on(storage: torch.UntypedStorage, like: torch.Tensor) -> torch.Tensor:

@@ -60,14 +60,15 @@ def _key(tensor: torch.Tensor) -> int:
     return tensor.untyped_storage()._cdata
 
 
-def _tensors(value) -> Iterator[torch.Tensor]:
-    """The tensors in a node's value: one, or nested in the tuples and lists
-    of multi-output and foreach ops (a plain walk, faster than pytree)."""
+def tensors_in(value) -> Iterator[torch.Tensor]:
+    """The tensors in a node's value (or an op's arguments): one, or nested
+    in the tuples and lists of multi-output and foreach ops (a plain walk,
+    faster than pytree)."""
     if isinstance(value, torch.Tensor):
         yield value
     elif isinstance(value, (tuple, list)):
         for item in value:
-            yield from _tensors(item)
+            yield from tensors_in(item)
 
 
 def map_storages(nodes: tuple[fx.Node, ...]) -> StorageMap:
@@ -84,7 +85,7 @@ def map_storages(nodes: tuple[fx.Node, ...]) -> StorageMap:
         aliases.update(_aliases(node))
         value = node.meta.get("val")
         keys = []
-        for tensor in _tensors(value):
+        for tensor in tensors_in(value):
             storage = tensor.untyped_storage()
             key = aliases.get(storage._cdata, storage._cdata)
             if key not in creator:
