@@ -38,7 +38,7 @@ from .errors import CaptureError
 from .lifetimes import EagerLifetimes
 from .optimizers import (CAPTURE_DECOMPOSITIONS, EagerOptimizer, check_supported, functionalize_fused_steps,
                          hyperparameters, init_state, remove_state)
-from .recording import StepRecorder
+from .recording import StepRecorder, written_tensors
 
 logger = logging.getLogger(__name__)
 SEP = torch.ops.separator.sep.default
@@ -405,16 +405,13 @@ class _WritesToConstantsRefused(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func._schema.is_mutable:
-            for index, argument in enumerate(func._schema.arguments):
-                value = args[index] if index < len(args) else kwargs.get(argument.name)
-                written = argument.alias_info is not None and argument.alias_info.is_write
-                if written and isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor):
-                    raise CaptureError(
-                        f"train_step updates in place ({func.overloadpacket.__name__}) a tensor of shape "
-                        f"{tuple(value.shape)} that is not a parameter, buffer, optimizer state or "
-                        "argument of the step: register it as a buffer (module.register_buffer) or "
-                        "pass it as an argument, so that the graph takes it as an input.")
+        for value in written_tensors(func, args, kwargs):
+            if not isinstance(value, FakeTensor):
+                raise CaptureError(
+                    f"train_step updates in place ({func.overloadpacket.__name__}) a tensor of shape "
+                    f"{tuple(value.shape)} that is not a parameter, buffer, optimizer state or "
+                    "argument of the step: register it as a buffer (module.register_buffer) or "
+                    "pass it as an argument, so that the graph takes it as an input.")
         return func(*args, **kwargs)
 
 

@@ -117,14 +117,8 @@ class StepRecorder(TorchDispatchMode):
             self._check_plain(x, f"an argument of {func}")
         if traced_inputs and any(tag in func.tags for tag in _DATA_DEPENDENT_TAGS) and not _static_index(func, args):
             raise NotRecordable(f"{func} reads the values of a traced tensor (data-dependent code)")
-        if func._schema.is_mutable:
-            for index, argument in enumerate(func._schema.arguments):
-                value = args[index] if index < len(args) else kwargs.get(argument.name)
-                if argument.alias_info is None or not argument.alias_info.is_write:
-                    continue
-                written = value if isinstance(value, (list, tuple)) else [value]
-                if any(isinstance(t, torch.Tensor) and t not in self._node_of for t in written):
-                    raise NotRecordable(f"{func} writes in place to a tensor that is not an input of the step")
+        if any(t not in self._node_of for t in written_tensors(func, args, kwargs)):
+            raise NotRecordable(f"{func} writes in place to a tensor that is not an input of the step")
 
     @staticmethod
     def _check_plain(tensor: torch.Tensor, what: str) -> None:
@@ -217,6 +211,19 @@ class StepRecorder(TorchDispatchMode):
         reference (EagerLifetimes.freed_after): call it once the step's real
         values are dropped."""
         return self._references.freed_after(last)
+
+
+def written_tensors(func, args, kwargs) -> list[torch.Tensor]:
+    """The tensors ``func`` writes in place (its ``Tensor(a!)`` arguments,
+    lists of them included)."""
+    if not func._schema.is_mutable:
+        return []
+    written = []
+    for index, argument in enumerate(func._schema.arguments):
+        if argument.alias_info is not None and argument.alias_info.is_write:
+            value = args[index] if index < len(args) else kwargs.get(argument.name)
+            written += tensors_in(value)
+    return written
 
 
 def _static_index(func, args) -> bool:
