@@ -96,7 +96,7 @@ class StepRecorder(TorchDispatchMode):
         flat_inputs = list(tensors_in((args, tuple(kwargs.values()))))
         traced_inputs = [x for x in flat_inputs if x in self._node_of]
         self._refuse_unrecordable(func, args, kwargs, flat_inputs, traced_inputs)
-        if not traced_inputs and any(tag in func.tags for tag in _DATA_DEPENDENT_TAGS):
+        if not traced_inputs and torch.Tag.data_dependent_output in func.tags:
             return func(*args, **kwargs)  # a value of constants: baked into the graph, as make_fx does
         if func is aten.lift_fresh.default:  # as make_fx: a constant must not be written through
             func = aten.lift_fresh_copy.default
