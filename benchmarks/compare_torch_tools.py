@@ -70,7 +70,9 @@ from torch.profiler import ProfilerActivity, profile
 
 GIB = 2 ** 30
 CUDA_BLOCK = 512  # the CUDA caching allocator rounds every block up to this
-WARMUP, ITERS = 1, 3  # mutwo's warm-up and measured iterations
+# mutwo's measured iterations, and the compile backend's warm-up; profile_train_step
+# keeps its default warm-up (none after a recorded capture, which ran the step)
+WARMUP, ITERS = 1, 3
 TOOLS = ("mutwo_train_step", "mutwo_compile", "torch_profiler", "mem_tracker")
 CATEGORIES = ("params", "grads", "optimizer state", "activations", "other")
 
@@ -321,12 +323,14 @@ def mutwo_train_step(case: Case, artifacts: str) -> dict:
     directory = os.path.join(artifacts, f"mutwo_train_step_{case.name}")
     start = time.perf_counter()
     report = profile_train_step(s.step_fn, s.model, s.optimizer, s.inputs, s.targets,
-                                warmup=WARMUP, iters=ITERS, model_name=case.name)
+                                iters=ITERS, model_name=case.name)
     saving = time.perf_counter()
     path = report.save(directory)
     result = _from_report(report, time.perf_counter() - start, path)
     # where the time to a report goes: profile_train_step's phases and the saving
     result["phase_seconds"] = {**report.to_dict()["meta"]["phase_seconds"], "save": time.perf_counter() - saving}
+    result["warmup"] = report.to_dict()["meta"]["warmup"]
+    result["capture_method"] = report.to_dict()["meta"].get("capture_method")
     return result
 
 
@@ -636,7 +640,7 @@ def compare(case: Case, out: str, artifacts: str, tools=TOOLS) -> dict:
         "seq_len": case.seq_len, "device": device_str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch_version": torch.__version__, "dtype": "float32", "optimizer": "Adam(fused=True)",
-        "seed": case.seed, "mutwo_warmup": WARMUP, "mutwo_iters": ITERS,
+        "seed": case.seed, "mutwo_compile_warmup": WARMUP, "mutwo_iters": ITERS,
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
         "category_mapping": CATEGORY_MAPPING, "ground_truth": {}, "tools": {},
     }
@@ -678,8 +682,10 @@ def print_result(result: dict, path: str) -> None:
     if phases:
         print("mutwo_train_step time to report: " + ", ".join(f"{k} {v:.2f} s" for k, v in phases.items()))
     print(format_table(result["table"]))
+    train_step = result["tools"].get("mutwo_train_step") or {}
     print("time to result: ground truth = one eager step; mutwo = capture/compile, analysis, "
-          f"{WARMUP} warm-up + {ITERS} measured iterations, saved report; torch.profiler = profiled step + "
+          f"warm-up (train-step: {train_step.get('warmup', '-')}, after a {train_step.get('capture_method')} "
+          f"capture; compile: {WARMUP}) + {ITERS} measured iterations, saved report; torch.profiler = profiled step + "
           "exported timeline; MemTracker = tracked step + snapshot (warm-up steps not timed)")
     print("bytes per category at each tool's own peak; ground truth row: tensors' exact sizes; "
           "vs: the ground truth of the peak error (mutwo_compile: the compiled step, the program it profiles)")

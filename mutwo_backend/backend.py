@@ -200,7 +200,7 @@ class DynamoGraph:
         self.session, self.index = session, index
         self.options = session.options
         self.device = _device_of(example_inputs)
-        prepare_calibration(self.device)  # pinned while compiling, copies queued at the first run
+        prepare_calibration(self.device)  # host buffer touched while compiling, copies queued at the first run
         self.timer = self.options.timer or default_timer(self.device)
         # (is a Parameter, requires grad) per input; not the tensors, which a graph must not keep alive
         self.input_roles = [(isinstance(t, torch.nn.Parameter), bool(getattr(t, "requires_grad", False)))

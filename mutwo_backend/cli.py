@@ -92,8 +92,9 @@ def _add_run_options(parser: argparse.ArgumentParser, out_default: str) -> None:
                              "ignored by the other models")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
                         help="where the step runs (default: cuda when a GPU is visible, else cpu with a warning)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=1, metavar="K",
-                        help="warm-up iterations, not measured (default: 1)")
+    parser.add_argument("--warmup", type=_non_negative_int, default=None, metavar="K",
+                        help="warm-up iterations, not measured (default: none after a recorded train-step "
+                             "capture, which ran the step on the device; 1 otherwise)")
     parser.add_argument("--iters", type=_positive_int, default=3, metavar="K",
                         help="measured iterations; node times are their medians (default: 3)")
     parser.add_argument("--timer", choices=TIMERS, default=None,
@@ -152,7 +153,7 @@ def _seq_len(args: argparse.Namespace, spec) -> int | None:
 
 
 def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: PhaseLog) -> Report:
-    """Build the zoo model, profile ``args.warmup + args.iters`` iterations
+    """Build the zoo model, profile ``args.warmup`` (None: the default) + ``args.iters`` iterations
     at ``batch_size`` and return the report (meta completed with what the
     command knows: model, batch size, sequence length, optimizer, seed)."""
     spec = get_model(args.model)
@@ -177,11 +178,16 @@ def _profile_train_step(spec, model, optimizer, inputs, targets, args, phases: P
                               iters=args.iters, timer=args.timer, swap=args.swap, model_name=spec.name)
 
 
+def _compile_warmup(args: argparse.Namespace) -> int:
+    """--warmup, or 1: the compile capture runs nothing before its first iteration."""
+    return 1 if args.warmup is None else args.warmup
+
+
 def _profile_compiled(spec, model, optimizer, inputs, targets, args, phases: PhaseLog) -> Report:
     """An ordinary training loop over torch.compile(model, backend="mutwo_profile")."""
     from .backend import get_report
 
-    options = {"warmup": args.warmup, "iters": args.iters, "timer": args.timer, "swap": args.swap,
+    options = {"warmup": _compile_warmup(args), "iters": args.iters, "timer": args.timer, "swap": args.swap,
                "optimizer": optimizer}
     # a fresh dynamo per profile: a sweep compiles one new model per batch
     # size, which would otherwise reach dynamo's recompile limit
@@ -195,12 +201,12 @@ def _profile_compiled(spec, model, optimizer, inputs, targets, args, phases: Pha
         optimizer.zero_grad()
 
     phases.run("capture, passes and iteration 1 (dynamo, AOTAutograd)", step)
-    if args.warmup > 1:
-        with phases.phase(f"warm-up (iterations 2 to {args.warmup})"):
-            for _ in range(args.warmup - 1):
+    if options["warmup"] > 1:
+        with phases.phase(f"warm-up (iterations 2 to {options['warmup']})"):
+            for _ in range(options["warmup"] - 1):
                 step()
     with phases.phase(f"measurement ({args.iters} iteration{'s' * (args.iters != 1)})"):
-        for _ in range(args.iters - (1 if args.warmup == 0 else 0)):
+        for _ in range(args.iters - (1 if options["warmup"] == 0 else 0)):
             step()
     report = phases.run("report", get_report, compiled)
     if report is None:
@@ -256,7 +262,7 @@ def sweep(args: argparse.Namespace) -> None:
             _free_memory(device)
             break
         data = report.to_dict()
-        run = {"batch_size": batch_size, "status": "ok",
+        run = {"batch_size": batch_size, "status": "ok", "warmup": data["meta"]["warmup"],
                "iteration_time_ms": data["meta"]["iteration_time_ms"],
                "instrumented_wall_ms": data["meta"].get("instrumented_wall_ms"),
                "peak_bytes": data["memory"]["peak_bytes"],

@@ -3,6 +3,7 @@ interpreter and the statistics together; profile_train_step is the one-call
 entry point for a user's train step."""
 
 import functools
+import logging
 
 import torch
 from torch import fx
@@ -17,10 +18,11 @@ from .metrics import activation_metrics
 from .progress import PhaseLog
 from .report import SCHEMA, Report
 from .statistics import NodeStatistics, Statistics, format_statistics
-from .swap import prepare_calibration, start_calibration, swap_model
+from .swap import calibrating, start_calibration, swap_model
 from .timers import default_timer
 
 SWAP_MODES = ("model", "measure")
+log = logging.getLogger("mutwo")
 
 
 class GraphProfiler:
@@ -165,31 +167,39 @@ def _outside_peak_notes(graph_peak: int | None, outside: dict[str, int]) -> list
             "capture_train_step."]
 
 
-def profile_train_step(train_step, model, optimizer, *args, warmup: int = 1, iters: int = 3,
+def profile_train_step(train_step, model, optimizer, *args, warmup: int | None = None, iters: int = 3,
                        timer: str | None = None, swap: str = "model", model_name: str | None = None):
     """Capture ``train_step``, analyse its graph, run ``warmup`` real
     training iterations of the graph as it is (first-run costs: CUDA context,
     kernel loading, allocator growth), then ``iters`` through the profiling
     interpreter, and return the Report of those. The model and optimizer are
-    trained by all of them exactly as eager training would train them."""
-    check_iterations(warmup, iters)
+    trained by all of them exactly as eager training would train them.
+
+    By default (``warmup=None``) a recorded capture is the warm-up: it ran the
+    step for real on the device, on copies of the state, and paid the
+    first-run costs. A traced capture ran nothing: one warm-up iteration."""
+    check_iterations(0 if warmup is None else warmup, iters)
     device = next(model.parameters()).device
     phases = PhaseLog()
-    with phases.phase("capture"):
-        step = capture_train_step(train_step, model, optimizer, *args)
-    with phases.phase("passes"):
-        # page-locking holds the CUDA driver: it would stall a recorded capture, not the passes
-        prepare_calibration(device)
-        analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
-        check_step_fits(device, analysis)  # before anything runs
-        profiler = GraphProfiler(step.gm, analysis, device, timer, swap, step.freed_after, span_iterations=True)
-        # the calibration's copies run on the GPU beside the warm-up, when it has room
-        start_calibration(device, analysis.memory.peak_bytes)
-    with phases.phase(f"warm-up ({_iterations(warmup)})"), out_of_memory_explained(device, analysis, "warm-up"):
-        for _ in range(warmup):  # the graph's own code: nothing to measure, ten times faster
-            step.run(*args)
-    with phases.phase("swap calibration"):  # what the warm-up did not hide
-        swap_model(device)
+    with calibrating(device):  # its host buffer is faulted in beside the capture
+        with phases.phase("capture"):
+            step = capture_train_step(train_step, model, optimizer, *args)
+        with phases.phase("passes"):
+            start_calibration(device)  # its copies run on the GPU beside the passes, which only use the host
+            analysis = run_pipeline(step.gm, step.hints, allocator_rounding=device.type == "cuda")
+            profiler = GraphProfiler(step.gm, analysis, device, timer, swap, step.freed_after,
+                                     span_iterations=True)
+        with phases.phase("swap calibration"):  # what the passes did not hide; frees its device buffer
+            swap_model(device)
+    check_step_fits(device, analysis)  # before anything runs
+    if warmup is None:
+        warmup = 0 if step.capture_method == "recorded" else 1
+        if not warmup:
+            log.info("warm-up: none, the recorded capture's real step was one")
+    if warmup:
+        with phases.phase(f"warm-up ({_iterations(warmup)})"), out_of_memory_explained(device, analysis, "warm-up"):
+            for _ in range(warmup):  # the graph's own code: nothing to measure, ten times faster
+                step.run(*args)
     with phases.phase(f"measurement ({_iterations(iters)})"), \
             out_of_memory_explained(device, analysis, "measurement"):
         for i in range(iters):  # the allocator is read in the last (with no warm-up, not a first run)

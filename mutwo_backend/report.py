@@ -130,7 +130,7 @@ class Report:
         rows += [("capture", capture),
                  ("device", meta["device_name"]), ("torch", meta["torch_version"]),
                  ("timer", meta["timer"]),
-                 ("iterations", f"{meta['warmup']} warm-up, {meta['iters']} measured"),
+                 ("iterations", _iterations(meta)),
                  ("iteration time (sum of node medians)", f"{meta['iteration_time_ms']:.2f} ms"),
                  ("instrumented wall time per iteration", f"{meta.get('instrumented_wall_ms', 0):.2f} ms"),
                  ("nodes", str(len(self.data["nodes"]))),
@@ -236,6 +236,13 @@ class Report:
             plots_module.memory_breakdown(data, os.path.join(directory, "memory_breakdown.png"))
             plots_module.memory_timeline(data, os.path.join(directory, "memory_timeline.png"))
         return path
+
+
+def _iterations(meta: dict) -> str:
+    warmup = f"{meta['warmup']} warm-up"
+    if meta["warmup"] == 0 and meta.get("capture_method") == "recorded":
+        warmup += " (the recorded capture's real step was one)"
+    return f"{warmup}, {meta['iters']} measured"
 
 
 def write_csv(path: str, records: list[dict]) -> None:

@@ -4,12 +4,14 @@ A copy costs a fixed latency plus bytes over bandwidth, per direction: one
 constant bandwidth is wrong for small tensors (FACTS.md: 1 MiB moves at
 34 GB/s, 1 GiB at 54 GB/s on the H200). On a GPU the model is fitted to
 measured pinned copies from 64 KiB to 1 GiB, once per device and process
-(prepare_calibration pins the host buffer while host-only work runs, and
-start_calibration queues the copies so that the warm-up iteration hides
-them); on the CPU it is a documented default and marked estimated. (Fitted up to
+(prepare_calibration faults the host buffer in on a helper thread, and
+start_calibration page-locks it and queues the copies so that host work,
+the passes or a warm-up iteration, hides them); on the CPU it is a
+documented default and marked estimated. (Fitted up to
 256 MiB only, it underestimated 1 GiB copies by 5 to 8% instead of 3 to 4%
 on the H200.)"""
 
+import contextlib
 import mmap
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -58,8 +60,8 @@ class SwapModel:
 DEFAULT_CPU_MODEL = SwapModel(CopyCost(0.01, 25e6), CopyCost(0.01, 25e6), estimated=True)
 
 
-_PINNER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mutwo-pin")
-_PINNED: dict[torch.device, Future] = {}  # host buffers being pinned, until calibration takes them
+_TOUCHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mutwo-touch")
+_TOUCHED: dict[torch.device, Future] = {}  # host buffers being faulted in, until calibration takes them
 _QUEUED: dict[torch.device, "_QueuedCopies"] = {}  # calibrations queued, until swap_model fits them
 _MODELS: dict[torch.device, SwapModel] = {}
 # About 25 ms on the H200 (1.8 GHz): far longer than queueing the copies takes.
@@ -68,9 +70,9 @@ REPEATS = 5  # timed copies per size and direction, after one that warms up
 
 
 def _repeats(size: int) -> int:
-    """Fewer for copies of 256 MiB and more: they are most of the copy time,
+    """One for copies of 256 MiB and more: they are most of the copy time,
     and vary little (1 GiB: 19.49 to 19.50 ms device to host on the H200)."""
-    return REPEATS if size < 256 * 1024 ** 2 else 2
+    return REPEATS if size < 256 * 1024 ** 2 else 1
 
 
 def swap_model(device: torch.device) -> SwapModel:
@@ -88,43 +90,66 @@ def swap_model(device: torch.device) -> SwapModel:
 
 
 def prepare_calibration(device: torch.device) -> None:
-    """Start page-locking the calibration's host buffer on a helper thread,
-    so that host-only work running meanwhile (the passes, a compilation)
-    hides it. Work that calls CUDA waits for the locking: it holds the
-    driver (a recorded capture beside torch's pinning of 1 GiB took 0.55 s
-    longer)."""
-    if device.type == "cuda" and _indexed(device) not in _PINNED and _indexed(device) not in _MODELS:
-        _PINNED[_indexed(device)] = _PINNER.submit(page_locked, max(CALIBRATION_SIZES))
+    """Start faulting in the calibration's host buffer on a helper thread.
+    It calls no CUDA function, so it can run beside anything, a recorded
+    capture included; start_calibration page-locks it, which holds the
+    CUDA driver (a recorded capture beside torch's pinning of 1 GiB took
+    0.55 s longer on the H200)."""
+    if device.type == "cuda" and _indexed(device) not in _TOUCHED and _indexed(device) not in _MODELS:
+        _TOUCHED[_indexed(device)] = _TOUCHER.submit(touched_host_memory, max(CALIBRATION_SIZES))
 
 
-def page_locked(nbytes: int) -> torch.Tensor:
-    """``nbytes`` of page-locked host memory. Anonymous memory (on huge pages
-    where the kernel allows them), touched, then registered with CUDA: for
-    1 GiB on the H200's host 0.13 s against 0.40 s for
-    ``torch.empty(pin_memory=True)``, with the same copy speed (19.5 ms
-    device to host). Where registering is not possible, torch's pinned memory."""
+@contextlib.contextmanager
+def calibrating(device: torch.device):
+    """prepare_calibration for work that ends by calling swap_model; if the
+    work fails first, the calibration's buffers are dropped (its queued
+    copies waited for) instead of being held until a later profile."""
+    prepare_calibration(device)
+    try:
+        yield
+    except BaseException:
+        if device.type == "cuda":
+            queued = _QUEUED.pop(_indexed(device), None)
+            if queued is not None:
+                queued.stream.synchronize()  # its buffers may be reused only once the copies ended
+            _TOUCHED.pop(_indexed(device), None)
+        raise
+
+
+def touched_host_memory(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of anonymous host memory (on huge pages where the kernel
+    allows them), every page faulted in; None where it cannot be mapped."""
     try:
         buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         if hasattr(mmap, "MADV_HUGEPAGE"):
             buffer.madvise(mmap.MADV_HUGEPAGE)
         tensor = torch.frombuffer(buffer, dtype=torch.uint8)  # (which keeps the mapping alive)
-        tensor.fill_(0)  # fault the pages in before the driver locks them
-        cudart = torch.cuda.cudart()
-        if cudart.cudaHostRegister(tensor.data_ptr(), nbytes, 0) != cudart.cudaError.success:
-            raise OSError("cudaHostRegister failed")
+        return tensor.fill_(0)
     except (OSError, AttributeError, ValueError, RuntimeError):
-        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    weakref.finalize(tensor, cudart.cudaHostUnregister, tensor.data_ptr())
-    return tensor
+        return None
+
+
+def page_locked(touched: torch.Tensor | None, nbytes: int) -> torch.Tensor:
+    """``touched`` registered with CUDA as page-locked memory: touched and
+    registered, 1 GiB took 0.13 s on the H200's host against 0.40 s for
+    ``torch.empty(pin_memory=True)``, with the same copy speed (19.5 ms
+    device to host). Where registering is not possible, torch's pinned memory."""
+    cudart = torch.cuda.cudart()
+    if touched is not None and \
+            cudart.cudaHostRegister(touched.data_ptr(), nbytes, 0) == cudart.cudaError.success:
+        weakref.finalize(touched, cudart.cudaHostUnregister, touched.data_ptr())
+        return touched
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
 
 def start_calibration(device: torch.device, step_peak_bytes: int = 0) -> None:
-    """Queue every calibration copy on a side stream and return at once, so
-    that the host work that follows (the warm-up iteration) hides the
-    copies; swap_model waits for them. Only when the GPU has room for the
-    calibration's 1 GiB device buffer beside a step that peaks at
-    ``step_peak_bytes`` (with a quarter to spare); otherwise swap_model
-    calibrates alone, later.
+    """Page-lock the host buffer, queue every calibration copy on a side
+    stream and return, so that the host work that follows (the passes, a
+    warm-up iteration) hides the copies; swap_model waits for them. Only
+    when the GPU has room for the calibration's 1 GiB device buffer beside
+    a step that peaks at ``step_peak_bytes`` (0: nothing runs beside the
+    copies), with a quarter to spare; otherwise swap_model calibrates
+    alone, later.
 
     The copies are queued behind a GPU spin, all before the first one can
     start, so that their CUDA-event timings hold no gap from the host (a
@@ -139,9 +164,10 @@ def start_calibration(device: torch.device, step_peak_bytes: int = 0) -> None:
 
 
 def _queue(device: torch.device) -> None:
-    """Queue the calibration's copies, once its host buffer is pinned."""
+    """Queue the calibration's copies, once its host buffer is page-locked."""
     prepare_calibration(device)
-    _QUEUED[device] = _QueuedCopies(device, _PINNED.pop(device).result())
+    size = max(CALIBRATION_SIZES)
+    _QUEUED[device] = _QueuedCopies(device, page_locked(_TOUCHED.pop(device).result(), size))
 
 
 def _room_beside(device: torch.device, step_peak_bytes: int) -> bool:

@@ -465,7 +465,7 @@ def test_compiled_step_peak_counts_the_eager_loss_between_the_graphs(warmup, mon
     (with no warm-up, no warm-up run resets the allocator's peak) counts."""
     device = torch.device("cuda")
     from mutwo_backend import swap
-    for state in ("_MODELS", "_QUEUED", "_PINNED"):  # calibrate again, beside this step
+    for state in ("_MODELS", "_QUEUED", "_TOUCHED"):  # calibrate again, beside this step
         monkeypatch.setattr(swap, state, {})
 
     def step_peak(backend, options=None):

@@ -27,7 +27,7 @@ def test_profile_bert_tiny_end_to_end(tmp_path):
     for table in ["iteration time", "region", "top 15 nodes by time", "activations by size"]:
         assert table in result.stdout
     assert f"report saved to {out}" in result.stdout
-    for phase in ["capture", "passes", "warm-up", "measurement", "report"]:
+    for phase in ["capture", "passes", "warm-up: none, the recorded capture", "measurement", "report"]:
         assert f"] {phase}" in result.stderr and "done in" in result.stderr, phase
     with open(out / "report.json") as f:
         meta = json.load(f)["meta"]

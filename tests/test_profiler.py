@@ -55,7 +55,7 @@ def mlp_report():
 
 def test_phase_seconds_account_for_the_call(mlp_report):
     phases = mlp_report["meta"]["phase_seconds"]
-    assert list(phases) == ["capture", "passes", "warm-up", "swap calibration", "measurement", "report"]
+    assert list(phases) == ["capture", "passes", "swap calibration", "warm-up", "measurement", "report"]
     assert all(s >= 0 for s in phases.values())
     assert 0.9 * mlp_report["test_wall_s"] <= sum(phases.values()) <= mlp_report["test_wall_s"]
 
@@ -128,6 +128,37 @@ def test_warmup_iterations_run_the_plain_graph_and_only_measured_ones_are_interp
         assert len(runs) == 3 and report["meta"]["iters"] == 3
         relu = next(n for n in report["nodes"] if n["name"] == "relu")
         assert relu["run_time_max_ms"] >= 50 and relu["run_time_ms"] < 40
+
+
+@pytest.mark.parametrize("optimizer_kwargs, method, warmup", [
+    ({"fused": True}, "recorded", 0),
+    # CPU Adam without foreach/fused reads its step count with .item(): traced
+    ({"foreach": False}, "traced", 1),
+])
+def test_by_default_a_recorded_capture_is_the_warm_up(monkeypatch, optimizer_kwargs, method, warmup):
+    """The recorded capture ran the step on copies of the state: no plain
+    warm-up run follows it. A traced one ran nothing: one warm-up run. The
+    model trains exactly as eager does over the iterations that ran."""
+    plain_runs = []
+    run = mutwo_backend.TrainStepGraph.run
+
+    def counting(self, *args, executor=None):
+        if executor is None:
+            plain_runs.append(1)
+        return run(self, *args, executor=executor)
+
+    monkeypatch.setattr(mutwo_backend.TrainStepGraph, "run", counting)
+    model, _, x, y = mlp_case()
+    eager_model = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), **optimizer_kwargs)
+    eager_optimizer = torch.optim.Adam(eager_model.parameters(), **optimizer_kwargs)
+    report = profile_train_step(mlp_step, model, optimizer, x, y, iters=2).to_dict()
+    assert report["meta"]["capture_method"] == method
+    assert report["meta"]["warmup"] == len(plain_runs) == warmup
+    for _ in range(warmup + 2):
+        mlp_step(eager_model, eager_optimizer, x, y)
+    for a, b in zip(model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("name, batch", [("mlp", 8), ("resnet18", 2)])
@@ -374,7 +405,7 @@ def test_queued_calibration_agrees_with_copies_timed_one_by_one_on_cuda(monkeypa
     copies timed alone do; without room beside the step nothing is queued."""
     from mutwo_backend import swap
     device = swap._indexed(torch.device("cuda"))
-    for state in ("_MODELS", "_QUEUED", "_PINNED"):
+    for state in ("_MODELS", "_QUEUED", "_TOUCHED"):
         monkeypatch.setattr(swap, state, {})
     too_big = 2 * torch.cuda.get_device_properties(device).total_memory
     swap.start_calibration(device, step_peak_bytes=too_big)
@@ -402,7 +433,8 @@ def test_resident_bytes_are_the_graph_inputs_sizes():
     assert resident_bytes(analysis) == sum(t.untyped_storage().nbytes() for t in tensors)
 
 
-def test_out_of_memory_while_profiling_names_the_step_peak_and_the_ways_out(monkeypatch):
+@pytest.mark.parametrize("warmup, where", [(1, "warm-up"), (None, "measurement")])
+def test_out_of_memory_while_profiling_names_the_step_peak_and_the_ways_out(monkeypatch, warmup, where):
     """An out-of-memory error while the step runs comes out as a
     StepDoesNotFitError (a MutwoError the CLI prints and the sweep stops
     at) that says where and what to do, raised from the original error."""
@@ -414,8 +446,8 @@ def test_out_of_memory_while_profiling_names_the_step_peak_and_the_ways_out(monk
 
     monkeypatch.setattr(TrainStepGraph, "run", out_of_memory)
     model, optimizer, x, y = mlp_case()
-    with pytest.raises(mutwo_backend.StepDoesNotFitError, match="during the warm-up.*GiB.*smaller batch") as error:
-        profile_train_step(mlp_step, model, optimizer, x, y)
+    with pytest.raises(mutwo_backend.StepDoesNotFitError, match=f"during the {where}.*GiB.*smaller batch") as error:
+        profile_train_step(mlp_step, model, optimizer, x, y, warmup=warmup)
     assert isinstance(error.value.__cause__, torch.OutOfMemoryError)
     assert isinstance(error.value, MutwoError) and is_out_of_memory(error.value)
 
