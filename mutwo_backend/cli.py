@@ -18,6 +18,7 @@ import torch
 
 from .errors import MutwoError, StepDoesNotFitError
 from .models import MODELS, get_model, zoo_train_step
+from .plot_processes import PlotProcesses
 from .progress import PhaseLog
 from .report import Report, format_bytes
 from .timers import TIMERS
@@ -218,9 +219,10 @@ def _profile_compiled(spec, model, optimizer, inputs, targets, args, phases: Pha
 def profile(args: argparse.Namespace) -> None:
     phases = PhaseLog()
     batch_size = args.batch_size or default_batch_size(args.device)
-    report = profile_zoo_model(args, batch_size, phases)
-    report.print(top=args.top)
-    path = phases.run("saving", report.save, args.out)
+    with PlotProcesses() as plot_processes:  # matplotlib imported beside the profiling
+        report = profile_zoo_model(args, batch_size, phases)
+        report.print(top=args.top)
+        path = phases.run("saving", report.save, args.out, plot_processes=plot_processes)
     print()
     print(f"report saved to {os.path.abspath(args.out)}: " + ", ".join(sorted(os.listdir(args.out))))
     log.debug("report.json at %s", path)

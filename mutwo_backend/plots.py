@@ -17,6 +17,15 @@ def available() -> bool:
     return importlib.util.find_spec("matplotlib") is not None
 
 
+def warm_up() -> None:
+    """Import matplotlib and draw a small figure with text, which loads the
+    font: what a first plot pays once per process (plot_processes.py)."""
+    import io
+    fig, ax = _figure((1, 1))
+    ax.set_title("mutwo")
+    fig.savefig(io.BytesIO(), format="png", dpi=20)
+
+
 def _figure(figsize: tuple[float, float]):
     """A figure and its axes, drawn by Agg: matplotlib's object interface,
     which leaves pyplot and the user's backend alone."""

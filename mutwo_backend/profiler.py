@@ -2,6 +2,7 @@
 interpreter and the statistics together; profile_train_step is the one-call
 entry point for a user's train step."""
 
+import contextlib
 import functools
 import logging
 
@@ -15,6 +16,7 @@ from .device_memory import check_step_fits, out_of_memory_explained
 from .errors import MutwoError
 from .interpreter import ProfilingInterpreter
 from .metrics import activation_metrics
+from .plot_processes import PlotProcesses
 from .progress import PhaseLog
 from .report import SCHEMA, Report
 from .statistics import NodeStatistics, Statistics, format_statistics
@@ -168,7 +170,8 @@ def _outside_peak_notes(graph_peak: int | None, outside: dict[str, int]) -> list
 
 
 def profile_train_step(train_step, model, optimizer, *args, warmup: int | None = None, iters: int = 3,
-                       timer: str | None = None, swap: str = "model", model_name: str | None = None):
+                       timer: str | None = None, swap: str = "model", model_name: str | None = None,
+                       report_dir: str | None = None):
     """Capture ``train_step``, analyse its graph, run ``warmup`` real
     training iterations of the graph as it is (first-run costs: CUDA context,
     kernel loading, allocator growth), then ``iters`` through the profiling
@@ -177,8 +180,23 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int | None =
 
     By default (``warmup=None``) a recorded capture is the warm-up: it ran the
     step for real on the device, on copies of the state, and paid the
-    first-run costs. A traced capture ran nothing: one warm-up iteration."""
+    first-run costs. A traced capture ran nothing: one warm-up iteration.
+
+    With ``report_dir`` the report is also saved there (Report.save), and the
+    processes that draw its plots start first, beside the profiling."""
     check_iterations(0 if warmup is None else warmup, iters)
+    with PlotProcesses() if report_dir else contextlib.nullcontext() as plot_processes:
+        report, phases = _profile_train_step(train_step, model, optimizer, args, warmup, iters, timer, swap,
+                                             model_name)
+        if report_dir:
+            report.add_meta(phase_seconds=dict(phases.seconds))  # (report.json's: all but the saving)
+            with phases.phase("save"):
+                report.save(report_dir, plot_processes=plot_processes)
+    return report.add_meta(phase_seconds=phases.seconds)
+
+
+def _profile_train_step(train_step, model, optimizer, args, warmup, iters, timer, swap,
+                        model_name) -> tuple[Report, PhaseLog]:
     device = next(model.parameters()).device
     phases = PhaseLog()
     with calibrating(device):  # its host buffer is faulted in beside the capture
@@ -208,7 +226,7 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int | None =
     with phases.phase("report"):
         report = profiler.report({"model": model_name or type(model).__name__, "capture": "train-step",
                                   "capture_method": step.capture_method, "warmup": warmup})
-    return report.add_meta(phase_seconds=phases.seconds)
+    return report, phases
 
 
 def _iterations(count: int) -> str:

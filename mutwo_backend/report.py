@@ -7,6 +7,7 @@ Perfetto) and, when matplotlib is installed, ``memory_breakdown.png`` and
 ``memory_timeline.png``. Tables printed by ``Report.print()`` show sizes in
 KiB/MiB/GiB; files keep exact bytes."""
 
+import contextlib
 import csv
 import json
 import logging
@@ -211,13 +212,16 @@ class Report:
 
     # --- files -----------------------------------------------------------------
 
-    def save(self, directory: str, plots: bool = True, trace: bool = True) -> str:
+    def save(self, directory: str, plots: bool = True, trace: bool = True, plot_processes=None) -> str:
         """Write report.json, nodes.csv, activations.csv, trace.json and the
         two memory plots under ``directory``; returns report.json's path.
 
-        Without matplotlib the plots are skipped and report.json's notes say
-        how to get them."""
+        The plots are drawn by child processes (plot_processes.py) while
+        this one writes the other files: ``plot_processes``, started earlier,
+        or new ones. Without matplotlib the plots are skipped and
+        report.json's notes say how to get them."""
         from . import plots as plots_module
+        from .plot_processes import PlotProcesses
         from .trace import write_trace
 
         os.makedirs(directory, exist_ok=True)
@@ -225,16 +229,20 @@ class Report:
         if plots and not plots_module.available():
             data = {**data, "meta": {**data["meta"], "notes": [*data["meta"].get("notes", []), PLOT_HINT]}}
             log.warning(PLOT_HINT)
-        path = os.path.join(directory, "report.json")
-        with open(path, "w") as f:
-            f.write(json.dumps(data))  # one string, json's C encoder: 5x faster than json.dump(indent=)
-        write_csv(os.path.join(directory, "nodes.csv"), data["nodes"])
-        write_csv(os.path.join(directory, "activations.csv"), data["activations"])
-        if trace:
-            write_trace(data, os.path.join(directory, "trace.json"))
-        if plots and plots_module.available():
-            plots_module.memory_breakdown(data, os.path.join(directory, "memory_breakdown.png"))
-            plots_module.memory_timeline(data, os.path.join(directory, "memory_timeline.png"))
+            plots = False
+        with contextlib.ExitStack() as stack:
+            if plots:
+                plot_processes = plot_processes or stack.enter_context(PlotProcesses())
+                plot_processes.draw(data, directory)
+            path = os.path.join(directory, "report.json")
+            with open(path, "w") as f:
+                f.write(json.dumps(data))  # one string, json's C encoder: 5x faster than json.dump(indent=)
+            write_csv(os.path.join(directory, "nodes.csv"), data["nodes"])
+            write_csv(os.path.join(directory, "activations.csv"), data["activations"])
+            if trace:
+                write_trace(data, os.path.join(directory, "trace.json"))
+            if plots:
+                plot_processes.wait()
         return path
 
 
