@@ -18,7 +18,7 @@ import os
 import pickle
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import tempfile
 
 from .plots import available
 from .report import memory_graph
@@ -33,10 +33,11 @@ package.__path__ = [sys.argv[1]]
 sys.modules["mutwo_backend"] = package
 from mutwo_backend import plots
 plots.warm_up()
-request = sys.stdin.buffer.read()
-if request:  # (empty: the parent closed the process without a plot to draw)
-    name, data, path = pickle.loads(request)
-    getattr(plots, name)(data, path)
+request = sys.stdin.read().splitlines()
+if request:  # (none: the parent ended without a plot to draw)
+    name, data_path, path = request
+    with open(data_path, "rb") as f:
+        getattr(plots, name)(pickle.load(f), path)
 """
 
 log = logging.getLogger("mutwo")
@@ -47,54 +48,74 @@ class PlotProcesses:
     machine has a core for each beside this process; ``draw`` hands them a
     report and ``wait`` returns when the files are written (a plot without a
     child is drawn here, in ``wait``). Use it as a context manager: leaving
-    it ends children that were never used."""
+    it ends children that were never used.
+
+    The data goes through a temporary file and only its name through the
+    child's stdin, which therefore never blocks: written through the pipe
+    in 512-byte pieces by ``communicate``, half a megabyte of data took 4 s
+    beside a busy main thread on the H200's host."""
 
     def __init__(self):
         package_dir = os.path.dirname(os.path.abspath(__file__))
-        self._children: dict[str, subprocess.Popen] = {}
-        self._pending = {}
-        self._senders = ThreadPoolExecutor(max_workers=len(PLOTS), thread_name_prefix="mutwo-plot")
+        self._children: dict[str, tuple[subprocess.Popen, object]] = {}
+        self._pending: dict[str, tuple] = {}
+        self._data_file = None
         wanted = available() and _spare_cores() and sys.executable  # (embedded: no Python to start)
         for name in PLOTS if wanted else ():
+            stderr = tempfile.TemporaryFile()
             try:
-                self._children[name] = subprocess.Popen(
-                    [sys.executable, "-c", _CHILD, package_dir],
-                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                child = subprocess.Popen([sys.executable, "-c", _CHILD, package_dir],
+                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=stderr)
             except OSError as error:
+                stderr.close()
                 log.warning("could not start a process to draw %s.png (%s): drawing it here", name, error)
+                continue
+            self._children[name] = (child, stderr)
 
     def draw(self, data: dict, directory: str) -> None:
         """Start drawing every plot of the report ``data`` into ``directory``."""
-        request = {name: (name, plot_data(data), os.path.join(directory, f"{name}.png")) for name in PLOTS}
+        subset = plot_data(data)
+        if self._children:
+            self._data_file = tempfile.NamedTemporaryFile(prefix="mutwo-plot-", suffix=".pickle", delete=False)
+            with self._data_file as f:
+                pickle.dump(subset, f, protocol=pickle.HIGHEST_PROTOCOL)
         for name in PLOTS:
-            child = self._children.pop(name, None)
-            payload = pickle.dumps(request[name], protocol=pickle.HIGHEST_PROTOCOL)
-            # communicate() writes and reads on a helper thread: the pipe holds 64 KiB, and a
-            # child only reads its request once matplotlib is imported
-            future = self._senders.submit(child.communicate, payload) if child else None
-            self._pending[name] = (child, future, request[name])
+            path = os.path.join(directory, f"{name}.png")
+            child, stderr = self._children.pop(name, (None, None))
+            if child is not None:
+                child.stdin.write(f"{name}\n{self._data_file.name}\n{path}\n".encode())
+                child.stdin.close()
+            self._pending[name] = (child, stderr, subset, path)
 
     def wait(self) -> None:
         """Wait for the plots; draw here each one a child could not."""
         from . import plots
 
         pending, self._pending = self._pending, {}
-        for name, (child, future, (_, data, path)) in pending.items():
-            if child is not None:
-                _, stderr = future.result()
-                if child.returncode == 0:
-                    continue
-                log.warning("the process drawing %s.png failed (exit code %s): drawing it here\n%s",
-                            name, child.returncode, stderr.decode(errors="replace")[-2000:])
-            getattr(plots, name)(data, path)
+        try:
+            for name, (child, stderr, data, path) in pending.items():
+                if child is not None:
+                    returncode = child.wait()
+                    stderr.seek(0)
+                    message = stderr.read().decode(errors="replace")[-2000:]
+                    stderr.close()
+                    if returncode == 0:
+                        continue
+                    log.warning("the process drawing %s.png failed (exit code %s): drawing it here\n%s",
+                                name, returncode, message)
+                getattr(plots, name)(data, path)
+        finally:
+            if self._data_file is not None:
+                os.unlink(self._data_file.name)
+                self._data_file = None
 
     def close(self) -> None:
         """End the children that were given nothing to draw."""
-        for child in self._children.values():
+        for child, stderr in self._children.values():
             child.kill()
-            child.communicate()
+            child.wait()
+            stderr.close()
         self._children = {}
-        self._senders.shutdown(wait=True)
 
     def __enter__(self) -> "PlotProcesses":
         return self

@@ -60,7 +60,7 @@ def test_a_plot_whose_child_failed_is_drawn_here_with_a_warning(report, tmp_path
 
 def test_children_given_nothing_to_draw_end_with_the_context(children_everywhere):
     with PlotProcesses() as processes:
-        children = list(processes._children.values())
+        children = [child for child, _ in processes._children.values()]
     assert len(children) == len(PLOTS) and all(child.poll() is not None for child in children)
 
 
