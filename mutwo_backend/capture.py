@@ -248,7 +248,7 @@ def _trace(step_on, optimizer, model, inputs) -> tuple[fx.GraphModule, "_StepWat
             f"tracing train_step failed: {type(error).__name__}: {error}\n" + _why_tracing_failed(model)
         ) from error
     functionalize_fused_steps(traced.graph)
-    gm = fx.GraphModule(traced, traced.graph)
+    gm = _lazy_graph_module(traced, traced.graph)
     return gm, watch, lifetimes.freed_after(gm.graph.output_node())
 
 
@@ -277,8 +277,16 @@ def _record(step_on, optimizer, inputs) -> tuple[fx.GraphModule, "_StepWatch", d
                     type(error).__name__, error)
         return None
     functionalize_fused_steps(graph)
-    gm = fx.GraphModule(recorder.root, graph)
+    gm = _lazy_graph_module(recorder.root, graph)
     return gm, watch, recorder.freed_after(graph.output_node())
+
+
+def _lazy_graph_module(root, graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule whose Python code is generated when it is first called:
+    the profiler interprets the graph, and after a recorded capture it may
+    never call it (generating BERT-base's code: 0.26 s under cProfile on the H200's host)."""
+    with _use_lazy_graph_module(True):
+        return fx.GraphModule(root, graph)
 
 
 def _storages(tree) -> dict[int, torch.UntypedStorage]:
