@@ -319,6 +319,53 @@ def test_measured_peak_equals_the_eager_steps_on_cuda(optimizer):
     assert abs(measured - eager_peak) <= 0.01 * eager_peak, (measured, eager_peak)
 
 
+def _ops_recorded_by_a_profiler() -> bool:
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(4).relu()
+    return any(e.name() == "aten::relu" for e in prof.profiler.kineto_results.events())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cupti times GPU kernels")
+def test_cupti_node_times_add_up_to_the_kernel_time_of_an_eager_step_on_cuda(monkeypatch):
+    """The kernels of the node's ops are found through their launches, with
+    the ops' own CPU events off; record functions are on again afterwards,
+    also after a node that raised."""
+    from torch.profiler import ProfilerActivity, profile
+    device = torch.device("cuda")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2048, 4096), nn.ReLU(), nn.Linear(4096, 2048), nn.ReLU(),
+                          nn.Linear(2048, 10)).to(device)
+    eager = copy.deepcopy(model)
+    eager_optimizer = torch.optim.Adam(eager.parameters(), fused=True)
+    x, y = torch.randn(512, 2048, device=device), torch.randint(0, 10, (512,), device=device)
+    for _ in range(2):
+        mlp_step(eager, eager_optimizer, x, y)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        mlp_step(eager, eager_optimizer, x, y)
+        torch.cuda.synchronize()
+    kernel_ms = sum(e.duration_ns() for e in prof.profiler.kineto_results.events()
+                    if e.device_type() != torch.autograd.DeviceType.CPU) / 1e6
+    del eager, eager_optimizer
+    report = profile_train_step(mlp_step, model, torch.optim.Adam(model.parameters(), fused=True), x, y,
+                                iters=3, timer="cupti").to_dict()
+    assert abs(report["meta"]["iteration_time_ms"] - kernel_ms) <= 0.05 * kernel_ms, kernel_ms
+    assert _ops_recorded_by_a_profiler()
+
+    call_function = interpreter_module.ProfilingInterpreter.call_function
+
+    def failing_relu(self, target, args, kwargs):
+        if target is torch.ops.aten.relu.default:
+            raise RuntimeError("no relu today")
+        return call_function(self, target, args, kwargs)
+
+    monkeypatch.setattr(interpreter_module.ProfilingInterpreter, "call_function", failing_relu)
+    with pytest.raises(NodeExecutionError, match="no relu today"):
+        profile_train_step(mlp_step, model, torch.optim.Adam(model.parameters(), fused=True), x, y,
+                           iters=1, timer="cupti")
+    assert _ops_recorded_by_a_profiler()
+
+
 def test_getitem_nodes_are_untimed_and_ops_are_timed():
     """Indexing a multi-output op's result launches nothing: 0 ms, while the
     ops around it are timed."""
