@@ -281,7 +281,7 @@ def sweep(args: argparse.Namespace) -> None:
         _free_memory(device)
     result = {"schema": SWEEP_SCHEMA,
               "meta": {"model": spec.name, "device": str(device), "device_name": _device_name(device),
-                       "torch_version": torch.__version__, "capture": args.capture, "optimizer": args.optimizer,
+                       "torch_version": str(torch.__version__), "capture": args.capture, "optimizer": args.optimizer,
                        "seq_len": _seq_len(args, spec),
                        "warmup": args.warmup, "iters": args.iters, "swap": args.swap, "seed": args.seed,
                        "batch_sizes": args.batch_sizes, "not_run": not_run, "notes": []},

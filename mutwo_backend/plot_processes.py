@@ -13,9 +13,9 @@ Each child loads ``mutwo_backend.plots`` without the package's
 figure, then waits on its stdin for one plot's data. A child that cannot
 start or fails leaves its plot to the parent, with a warning."""
 
+import json
 import logging
 import os
-import pickle
 import subprocess
 import sys
 import tempfile
@@ -27,7 +27,7 @@ from .report import memory_graph
 PLOTS = ("memory_breakdown", "memory_timeline")
 
 _CHILD = """
-import pickle, sys, types
+import json, sys, types
 package = types.ModuleType("mutwo_backend")  # the package without its __init__, which imports torch
 package.__path__ = [sys.argv[1]]
 sys.modules["mutwo_backend"] = package
@@ -36,8 +36,8 @@ plots.warm_up()
 request = sys.stdin.read().splitlines()
 if request:  # (none: the parent ended without a plot to draw)
     name, data_path, path = request
-    with open(data_path, "rb") as f:
-        getattr(plots, name)(pickle.load(f), path)
+    with open(data_path) as f:
+        getattr(plots, name)(json.load(f), path)
 """
 
 log = logging.getLogger("mutwo")
@@ -51,9 +51,10 @@ class PlotProcesses:
     it ends children that were never used.
 
     The data goes through a temporary file and only its name through the
-    child's stdin, which therefore never blocks: written through the pipe
-    in 512-byte pieces by ``communicate``, half a megabyte of data took 4 s
-    beside a busy main thread on the H200's host."""
+    child's stdin, which therefore never blocks. It goes as JSON, which
+    holds plain values only: unpickling a report's meta imported torch in
+    the child (torch.__version__ is a str subclass of torch's), 4.4 s on
+    the H200's host."""
 
     def __init__(self):
         package_dir = os.path.dirname(os.path.abspath(__file__))
@@ -76,9 +77,9 @@ class PlotProcesses:
         """Start drawing every plot of the report ``data`` into ``directory``."""
         subset = plot_data(data)
         if self._children:
-            self._data_file = tempfile.NamedTemporaryFile(prefix="mutwo-plot-", suffix=".pickle", delete=False)
+            self._data_file = tempfile.NamedTemporaryFile("w", prefix="mutwo-plot-", suffix=".json", delete=False)
             with self._data_file as f:
-                pickle.dump(subset, f, protocol=pickle.HIGHEST_PROTOCOL)
+                f.write(json.dumps(subset))
         for name in PLOTS:
             path = os.path.join(directory, f"{name}.png")
             child, stderr = self._children.pop(name, (None, None))

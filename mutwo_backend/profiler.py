@@ -129,7 +129,7 @@ def build_report(analysis: GraphAnalysis, stats: NodeStatistics, *, device: torc
                      f"{model.device_to_host.bytes_per_ms / 1e6:.0f} GB/s each way")
     meta = {
         **meta, "device": str(device), "device_name": _device_name(device),
-        "torch_version": torch.__version__, "timer": timer, "iters": stats.iterations,
+        "torch_version": str(torch.__version__), "timer": timer, "iters": stats.iterations,
         "iteration_time_ms": stats.iteration_ms, "instrumented_wall_ms": stats.wall_ms,
         "swap": swap, "swap_model": model.to_dict(), "notes": notes,
     }
