@@ -25,7 +25,7 @@ import torch.utils._foreach_utils as foreach_utils
 import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.fx._lazy_graph_module import _use_lazy_graph_module
+from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -286,7 +286,7 @@ def _lazy_graph_module(root, graph: fx.Graph) -> fx.GraphModule:
     the profiler interprets the graph, and after a recorded capture it may
     never call it (generating BERT-base's code: 0.26 s under cProfile on the H200's host)."""
     with _use_lazy_graph_module(True):
-        return fx.GraphModule(root, graph)
+        return _make_graph_module(root, graph)
 
 
 def _storages(tree) -> dict[int, torch.UntypedStorage]:
