@@ -1,8 +1,8 @@
 """A report's memory plots, drawn by child Python processes.
 
-matplotlib's import (0.3 to 0.6 s; more where it first builds its font
-cache) and the drawing (0.4 s for ResNet-152's 10,000 nodes on the H200's
-host) run Python code: on a thread they would hold the GIL the profiler
+matplotlib's import (0.9 s on the H200's host, more where it first builds
+its font cache) and the drawing (0.4 s for ResNet-152's 10,000 nodes) run
+Python code: on a thread they would hold the GIL the profiler
 needs. Child processes run them on other cores instead, beside whatever the
 parent does meanwhile: the profiling, when ``profile_train_step(...,
 report_dir=...)`` starts them first, or the writing of the report's other
@@ -92,31 +92,36 @@ class PlotProcesses:
         """Wait for the plots; draw here each one a child could not."""
         from . import plots
 
-        pending, self._pending = self._pending, {}
-        try:
-            for name, (child, stderr, data, path) in pending.items():
+        for name in list(self._pending):
+            child, stderr, data, path = self._pending[name]
+            if child is not None:
+                returncode = child.wait()
+                stderr.seek(0)
+                message = stderr.read().decode(errors="replace")[-2000:]
+                stderr.close()
+            del self._pending[name]  # (until here close() would end the child)
+            if child is None or returncode != 0:
                 if child is not None:
-                    returncode = child.wait()
-                    stderr.seek(0)
-                    message = stderr.read().decode(errors="replace")[-2000:]
-                    stderr.close()
-                    if returncode == 0:
-                        continue
                     log.warning("the process drawing %s.png failed (exit code %s): drawing it here\n%s",
                                 name, returncode, message)
                 getattr(plots, name)(data, path)
-        finally:
-            if self._data_file is not None:
-                os.unlink(self._data_file.name)
-                self._data_file = None
+        self._remove_data_file()
 
     def close(self) -> None:
-        """End the children that were given nothing to draw."""
-        for child, stderr in self._children.values():
+        """End the children still running: those given nothing to draw, and
+        those whose plot nobody waits for (the caller failed after draw)."""
+        running = [*self._children.values(), *((c, e) for c, e, _, _ in self._pending.values() if c)]
+        for child, stderr in running:
             child.kill()
             child.wait()
             stderr.close()
-        self._children = {}
+        self._children, self._pending = {}, {}
+        self._remove_data_file()
+
+    def _remove_data_file(self) -> None:
+        if self._data_file is not None:
+            os.unlink(self._data_file.name)
+            self._data_file = None
 
     def __enter__(self) -> "PlotProcesses":
         return self

@@ -74,3 +74,16 @@ def test_profile_train_step_saves_to_report_dir(tmp_path, children_everywhere):
     assert sorted(os.listdir(tmp_path)) == sorted(["report.json", "nodes.csv", "activations.csv", "trace.json",
                                                    *(f"{name}.png" for name in PLOTS)])
     assert list(report.to_dict()["meta"]["phase_seconds"])[-1] == "save"
+
+
+def test_children_whose_plots_nobody_waits_for_are_ended(report, tmp_path, children_everywhere):
+    """A caller that fails between draw and wait (a full disk while writing
+    report.json, say) leaves no child running and no data file behind."""
+    with pytest.raises(OSError):
+        with PlotProcesses() as processes:
+            processes.draw(report.to_dict(), str(tmp_path))
+            children = [child for child, *_ in processes._pending.values()]
+            data_file = processes._data_file.name
+            raise OSError("no space left on device")
+    assert len(children) == len(PLOTS) and all(child.poll() is not None for child in children)
+    assert not os.path.exists(data_file)
