@@ -108,7 +108,7 @@ class CuptiTimer:
     (``_RecordFunctionFast``, the C++ range torch.compile's generated code
     uses: 1.3 us a node on the H200's host against 7.2 us for
     ``record_function``). A GPU event links (``linked_correlation_id``) to
-    the CPU op that launched it; the launching op's start time falls inside
+    the CUDA call that launched it; that call's start time falls inside
     exactly one node's range.
 
     The node's own ops run with record functions off: the profiler then
@@ -151,7 +151,6 @@ class CuptiTimer:
         self._range.__exit__(None, None, None)
 
     def finish_iteration(self) -> np.ndarray:
-        _enable_record_function(True)  # (a node that raised did not reach after())
         times_ms = np.zeros(self._node_count)
         if self._profiler is None:  # flushed by a failed run
             return times_ms
@@ -161,7 +160,8 @@ class CuptiTimer:
         return times_ms
 
     def flush(self):
-        """Stop the session and fill in its iterations' times."""
+        """Stop the session and fill in its iterations' times. (A failed run
+        calls it too: a node that raised did not reach after().)"""
         _enable_record_function(True)
         if self._profiler is None:
             return
