@@ -6,13 +6,13 @@ output, ``separator.sep_backward`` where its gradient arrives) and the
 optimizer's ``record_function`` markers. AOTAutograd joint graphs carry
 partitioner tags (``is_forward`` / ``is_backward``) instead."""
 
-import enum
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Mapping
 
 from torch import fx
 
+from .enums import Region
 from .errors import AnalysisError
 
 SEP_TARGETS = ("separator.sep.default",)
@@ -20,13 +20,6 @@ SEP_BACKWARD_TARGETS = ("separator.sep_backward.default",)
 RECORD_FUNCTION_ENTER = "profiler._record_function_enter_new.default"
 SEED_TARGET = "aten.ones_like.default"
 FORWARD_TAGS = ("is_forward", "must_be_in_forward")
-
-
-class Region(enum.Enum):
-    FORWARD = "forward"
-    LOSS = "loss"
-    BACKWARD = "backward"
-    OPTIMIZER = "optimizer"
 
 
 @dataclass(frozen=True)

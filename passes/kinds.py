@@ -1,7 +1,6 @@
 """Node-kind pass: what every node's value is (PARAM, BUFFER, INPUT, ACT,
 GRAD, OPT_STATE, OTHER), and which gradient belongs to which parameter."""
 
-import enum
 import operator
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -10,23 +9,18 @@ from typing import Iterator, Mapping
 import torch.utils._pytree as pytree
 from torch import fx
 
-from .boundary import SEED_TARGET, SEP_BACKWARD_TARGETS, Boundary, Region, target_name
+from .boundary import SEED_TARGET, SEP_BACKWARD_TARGETS, Boundary, target_name
+from .enums import NodeType, Region
 from .errors import AnalysisError
 from .hints import GraphHints
 from .storage import FUSED_ADAM_TARGETS, StorageMap
 
 FORWARD_REGIONS = (Region.FORWARD, Region.LOSS)
-BATCH_NORM_TARGETS = ("aten.native_batch_norm.default",)
-
-
-class NodeType(enum.Enum):
-    PARAM = "PARAM"
-    BUFFER = "BUFFER"
-    INPUT = "INPUT"
-    ACT = "ACT"
-    GRAD = "GRAD"
-    OPT_STATE = "OPT_STATE"
-    OTHER = "OTHER"
+# Batch-norm ops that update running_mean / running_var (args 3, 4) when
+# training (arg 5) although their schemas do not say so: native_batch_norm
+# on the CPU, cuDNN's and MIOpen's on a GPU.
+BATCH_NORM_TARGETS = ("aten.native_batch_norm.default", "aten.cudnn_batch_norm.default",
+                      "aten.miopen_batch_norm.default")
 
 
 @dataclass(frozen=True)
@@ -113,7 +107,7 @@ def infer_hints(nodes, regions, given: GraphHints | None) -> GraphHints:
 
 def _written_args(node: fx.Node) -> Iterator[fx.Node]:
     """Nodes an op writes into: mutable schema arguments (in-place ops, copy_,
-    foreach lists), native_batch_norm's running statistics (mutated although
+    foreach lists), batch norm's running statistics (mutated although
     its schema does not say so) and the fused optimizer's copied-back lists,
     each followed back through the views the write goes through."""
     schema = getattr(node.target, "_schema", None)
@@ -122,12 +116,18 @@ def _written_args(node: fx.Node) -> Iterator[fx.Node]:
             if argument.alias_info is not None and argument.alias_info.is_write:
                 value = node.args[index] if index < len(node.args) else node.kwargs.get(argument.name)
                 yield from (_alias_root(a) for a in pytree.tree_leaves(value) if isinstance(a, fx.Node))
-    name = target_name(node)
-    if name in BATCH_NORM_TARGETS and len(node.args) > 5 and node.args[5]:
-        yield from (a for a in node.args[3:5] if isinstance(a, fx.Node))
-    if name in FUSED_ADAM_TARGETS:
+    yield from batch_norm_statistics(node)
+    if target_name(node) in FUSED_ADAM_TARGETS:
         for group in node.args[:6]:
             yield from (_alias_root(a) for a in group)
+
+
+def batch_norm_statistics(node: fx.Node) -> tuple[fx.Node, ...]:
+    """The running statistics a training batch-norm op of BATCH_NORM_TARGETS
+    updates in place (empty for any other node)."""
+    if target_name(node) not in BATCH_NORM_TARGETS or len(node.args) <= 5 or not node.args[5]:
+        return ()
+    return tuple(a for a in node.args[3:5] if isinstance(a, fx.Node))
 
 
 def _alias_root(node: fx.Node) -> fx.Node:

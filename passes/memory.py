@@ -32,7 +32,15 @@ def rounded(nbytes: int, allocator_rounding: bool) -> int:
 class MemorySimulation:
     """``timeline[k, r]``: bytes of kind ``kinds[k]`` live after node r;
     ``live_bytes[r]``: all of them; ``peak_during_bytes[r]``: live while node
-    r runs (its inputs still held, its outputs allocated)."""
+    r runs (its inputs still held, its outputs allocated).
+
+    Per storage key (StorageMap's): ``storage_kind``; ``allocated_rank``
+    (0 for a graph input, resident before the step); ``freed_rank``, the rank
+    after which the simulation frees it (None: it lives to the end, as
+    inputs and outputs do), where eager drops its last reference when that
+    comes after its last use; ``last_use_rank``, its last use in the graph
+    alone. A storage is live after rank r when allocated_rank <= r <
+    freed_rank, and while r runs when allocated_rank <= r <= freed_rank."""
 
     kinds: tuple[NodeType, ...]
     timeline: np.ndarray
@@ -42,6 +50,10 @@ class MemorySimulation:
     peak_rank: int
     breakdown_at_peak: Mapping[NodeType, int]
     allocator_rounding: bool
+    storage_kind: Mapping[int, NodeType]
+    allocated_rank: Mapping[int, int]
+    freed_rank: Mapping[int, int | None]
+    last_use_rank: Mapping[int, int]
 
     def timeline_of(self, kind: NodeType) -> np.ndarray:
         return self.timeline[self.kinds.index(kind)]
@@ -86,12 +98,15 @@ def simulate_memory(nodes, rank, kinds, storages: StorageMap, allocator_rounding
     # +bytes at creation, -bytes after last use; inputs and outputs live throughout
     allocated = np.zeros((len(KIND_ORDER), count + 1), dtype=np.int64)
     freed = np.zeros((len(KIND_ORDER), count + 1), dtype=np.int64)
+    allocated_rank, freed_rank = {}, {}
     for key, creator in storages.creator.items():
         k = kind_index[kind_of[key]]
         nbytes = rounded(storages.nbytes[key], allocator_rounding)
         resident = creator.op == "placeholder"
-        allocated[k, 0 if resident else rank[creator]] += nbytes
-        freed[k, count if resident or last_use[key] >= output_rank else last_use[key]] += nbytes
+        allocated_rank[key] = 0 if resident else rank[creator]
+        freed_rank[key] = None if resident or last_use[key] >= output_rank else last_use[key]
+        allocated[k, allocated_rank[key]] += nbytes
+        freed[k, count if freed_rank[key] is None else freed_rank[key]] += nbytes
     held = np.cumsum(allocated, axis=1)[:, :count]
     freed_through = np.cumsum(freed, axis=1)[:, :count]
     during = held - freed_through + freed[:, :count]  # frees at rank r happen after node r
@@ -99,6 +114,8 @@ def simulate_memory(nodes, rank, kinds, storages: StorageMap, allocator_rounding
     peak_during = during.sum(axis=0)
     peak_rank = int(np.argmax(peak_during))
     breakdown = {kind: int(during[i, peak_rank]) for i, kind in enumerate(KIND_ORDER)}
+    graph_last_use = last_uses(nodes, rank, storages, {}) if freed_after else last_use
     return MemorySimulation(KIND_ORDER, timeline, timeline.sum(axis=0), peak_during,
                             int(peak_during[peak_rank]), peak_rank, MappingProxyType(breakdown),
-                            allocator_rounding)
+                            allocator_rounding, MappingProxyType(kind_of), MappingProxyType(allocated_rank),
+                            MappingProxyType(freed_rank), MappingProxyType(graph_last_use))

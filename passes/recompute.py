@@ -10,8 +10,8 @@ import networkx as nx
 import torch
 from torch import fx
 
-from .boundary import target_name
-from .kinds import BATCH_NORM_TARGETS, FORWARD_REGIONS, NodeType
+from .boundary import SEP_TARGETS, target_name
+from .kinds import FORWARD_REGIONS, NodeType, batch_norm_statistics
 
 RETAINED = (NodeType.PARAM, NodeType.BUFFER, NodeType.INPUT, NodeType.ACT, NodeType.OPT_STATE)
 COLLECTIVE_MARKERS = ("c10d", "_functional_collectives", "all_reduce", "all_gather", "reduce_scatter")
@@ -29,6 +29,12 @@ class RecomputeInfo:
     recomputable: bool
     reason: str | None
     recompute_count: int = 1
+
+    @property
+    def replays_sep(self) -> bool:
+        """Whether ``nodes`` run ``separator.sep``: a replay of it is a plain
+        view of its input, not a second separator."""
+        return any(target_name(n) in SEP_TARGETS for n in self.nodes)
 
 
 def forward_dependency_graph(nodes, regions) -> nx.DiGraph:
@@ -80,10 +86,7 @@ def _mutates(node: fx.Node) -> bool:
     schema = getattr(node.target, "_schema", None)
     if schema is not None and schema.is_mutable:
         return True
-    # native_batch_norm updates running_mean / running_var (args 3, 4) in
-    # training although its schema does not say so.
-    return (target_name(node) in BATCH_NORM_TARGETS and len(node.args) > 5
-            and bool(node.args[5]) and node.args[3] is not None)
+    return bool(batch_norm_statistics(node))
 
 
 def update_after_recompute(recompute: Mapping[fx.Node, RecomputeInfo], chosen: fx.Node,
