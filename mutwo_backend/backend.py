@@ -16,7 +16,6 @@ sessions are looked up weakly by the model's parameters, so nothing outlives
 the model.
 """
 
-import copy
 import dataclasses
 import logging
 import weakref
@@ -30,14 +29,16 @@ from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.partitioners import default_partition
 from torch.utils.weak import WeakIdKeyDictionary
 
-from passes import GraphHints, NodeType, run_pipeline
+from passes import GraphHints, run_pipeline
 
-from .device_memory import check_step_fits, out_of_memory_explained
+from .arguments import SWAP_MODES, check_iterations
+from .assemble import DEFAULT_MODULE_DEPTH, MODULE_META_KEY, SOURCE_META_KEY, assemble_report, combine_graph_reports
+from .attribution import dynamo_attribution, dynamo_input_names, dynamo_model_name
+from .device_memory import AllocatorReadings, check_step_fits, out_of_memory_explained
 from .errors import MutwoError
-from .interpreter import AllocatorReadings, IterationRecord, ProfilingInterpreter
+from .interpreter import IterationRecord, ProfilingInterpreter, swap_points
 from .partitioned import stitch
-from .profiler import SWAP_MODES, build_report, check_iterations, swap_points
-from .report import SCHEMA, Report
+from .report import Report, ReportNotSavedError, check_report_dir
 from .statistics import Statistics
 from .swap import prepare_calibration, start_calibration, swap_model
 from .timers import TIMERS, default_timer
@@ -57,6 +58,7 @@ class BackendOptions:
     report_dir: str | None = None
     optimizer: torch.optim.Optimizer | None = None
     after: str = "run"
+    module_depth: int = DEFAULT_MODULE_DEPTH
 
     @classmethod
     def parse(cls, options: dict | None) -> "BackendOptions":
@@ -73,6 +75,14 @@ class BackendOptions:
             if value not in allowed:
                 raise MutwoError(f"option {name}={value!r} is not one of "
                                  f"{', '.join(repr(a) for a in allowed if a is not None)}")
+        if parsed.optimizer is not None and not isinstance(parsed.optimizer, torch.optim.Optimizer):
+            raise MutwoError(f"option optimizer={parsed.optimizer!r} is a {type(parsed.optimizer).__name__}: it "
+                             "takes the optimizer object that trains the model (options={'optimizer': opt}, "
+                             "opt = torch.optim.Adam(model.parameters())), so that its state is counted.")
+        if not isinstance(parsed.module_depth, int) or parsed.module_depth < 1:
+            raise MutwoError(f"option module_depth={parsed.module_depth!r}: give a positive integer (default 2)")
+        if parsed.report_dir:
+            check_report_dir(parsed.report_dir)
         return parsed
 
 
@@ -81,13 +91,14 @@ class BackendOptions:
 # that compiled last, which graphs without parameters join.
 _SESSIONS = WeakIdKeyDictionary()
 _LATEST_SESSION: "weakref.ref[ProfileSession] | None" = None
+_WARNED_NO_GRAPH: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # get_report warns once per model
 
 
 def mutwo_profile(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Backend entry point (registered as "mutwo_profile")."""
     opts = BackendOptions.parse(options)
     session = _session_for(example_inputs, options, opts)
-    graph = DynamoGraph(session, len(session.graphs), example_inputs)
+    graph = DynamoGraph(session, len(session.graphs), example_inputs, dynamo_input_names(gm), dynamo_model_name(gm))
     session.graphs.append(graph)
     return aot_autograd(fw_compiler=graph.compile_forward, bw_compiler=graph.compile_backward,
                         inference_compiler=graph.compile_inference, partition_fn=graph.partition,
@@ -107,25 +118,31 @@ def get_report(compiled_model) -> Report | None:
         if tensor in _SESSIONS:
             sessions[id(_SESSIONS[tensor])] = _SESSIONS[tensor]
     if not sessions:
-        log.warning(_no_graph_hint(module))
+        if module not in _WARNED_NO_GRAPH:
+            _WARNED_NO_GRAPH.add(module)
+            log.warning(_no_graph_hint(module))
         return None
     graphs = [g for session in sessions.values() for g in session.graphs]
     session = next(iter(sessions.values()))
     if not any(g.report for g in graphs):
-        log.warning(_not_measured_yet(graphs, session.options))
+        reason, message = _not_measured_yet(graphs, session.options)
+        if reason not in session.warned:  # once per reason: get_report is often called in a training loop
+            session.warned.add(reason)
+            log.warning(message)
         return None
-    return _combine_graphs(graphs, session)
+    return _combine_graphs(graphs, session, type(module).__name__)
 
 
-def _not_measured_yet(graphs: list["DynamoGraph"], options: BackendOptions) -> str:
+def _not_measured_yet(graphs: list["DynamoGraph"], options: BackendOptions) -> tuple[str, str]:
+    """Why no graph is measured yet: (a key for the reason, the message)."""
     needed = options.warmup + options.iters
     training = [g for g in graphs if g.analysis is not None]
     if not training:
-        return ("no report yet: the model has only run without gradients (torch.no_grad(), "
-                "inference); mutwo measures training steps, forward and backward.")
+        return "inference", ("no report yet: the model has only run without gradients (torch.no_grad(), "
+                             "inference); mutwo measures training steps, forward and backward.")
     done = max(g.iterations for g in training)
-    return (f"no report yet: a graph is measured after {needed} training steps (warmup "
-            f"{options.warmup} + iters {options.iters}), and this model's has run {done}.")
+    return "steps", (f"no report yet: a graph is measured after {needed} training steps (warmup "
+                     f"{options.warmup} + iters {options.iters}), and this model's has run {done}.")
 
 
 def _no_graph_hint(module: torch.nn.Module) -> str:
@@ -171,6 +188,7 @@ class ProfileSession:
         self.options_id = options_id  # id() of the dict given to torch.compile
         self.graphs: list[DynamoGraph] = []
         self._first_runs = 0
+        self.warned: set[str] = set()  # the reasons get_report has warned of
 
     def use(self, options: BackendOptions) -> None:
         """Take the options of the latest compilation."""
@@ -187,17 +205,25 @@ class ProfileSession:
         return self._first_runs
 
     def graph_measured(self) -> None:
-        """Called when a graph completes a measurement: save the report."""
+        """Called when a graph completes a measurement (inside the user's
+        backward): save the report. A failed save is logged, not raised, so
+        training goes on; get_report still returns the report."""
         if self.options.report_dir:
-            path = _combine_graphs(self.graphs, self).save(self.options.report_dir)
+            try:
+                path = _combine_graphs(self.graphs, self).save(self.options.report_dir)
+            except ReportNotSavedError as error:
+                log.warning("%s (get_report(compiled_model) returns it)", error)
+                return
             log.info("mutwo report saved to %s", path)
 
 
 class DynamoGraph:
     """One dynamo graph: the analysis of its partitioned program and its profiled fw/bw graphs."""
 
-    def __init__(self, session: ProfileSession, index: int, example_inputs):
+    def __init__(self, session: ProfileSession, index: int, example_inputs, input_names: list[str | None],
+                 model_name: str | None):
         self.session, self.index = session, index
+        self.input_names, self.model_name = input_names, model_name  # parameter names, the root's class
         self.options = session.options
         self.device = _device_of(example_inputs)
         prepare_calibration(self.device)  # host buffer touched while compiling, copies queued at the first run
@@ -228,8 +254,10 @@ class DynamoGraph:
         forward, backward = default_partition(joint, joint_inputs, num_fwd_outputs=num_fwd_outputs, **kwargs)
         self.program = stitch(forward, backward, num_fwd_outputs)
         graph = self.program.graph
-        self.analysis = run_pipeline(graph, self._hints(graph, num_fwd_outputs, static),
-                                     allocator_rounding=self.device.type == "cuda")
+        for node in graph.graph.nodes:  # the module and source line reports show, from dynamo's meta
+            node.meta[MODULE_META_KEY], node.meta[SOURCE_META_KEY] = dynamo_attribution(node)
+        self.hints = self._hints(graph, num_fwd_outputs, static)
+        self.analysis = run_pipeline(graph, self.hints, allocator_rounding=self.device.type == "cuda")
         return forward, backward
 
     def compile_forward(self, gm: fx.GraphModule, example_inputs):
@@ -248,8 +276,11 @@ class DynamoGraph:
         """Parameters are dynamo inputs of type Parameter; buffers are the other
         inputs AOTAutograd marks static (their lifetime is the model's)."""
         primals = [n for n in program.graph.nodes if n.op == "placeholder" and n.name.startswith("primals")]
-        params, buffers, frozen = set(), set(), set()
-        for index, (node, (is_param, requires_grad)) in enumerate(zip(primals, self.input_roles)):
+        params, buffers, frozen, names = set(), set(), set(), {}
+        for index, (node, (is_param, requires_grad), name) in enumerate(zip(primals, self.input_roles,
+                                                                            self.input_names)):
+            if name is not None:
+                names[node.name] = name
             if is_param:
                 params.add(node.name)
                 if not requires_grad:
@@ -257,7 +288,7 @@ class DynamoGraph:
             elif index in static_indices:
                 buffers.add(node.name)
         return GraphHints(params=frozenset(params), buffers=frozenset(buffers),
-                          frozen_params=frozenset(frozen), num_fwd_outputs=num_fwd_outputs)
+                          frozen_params=frozenset(frozen), num_fwd_outputs=num_fwd_outputs, names=names)
 
     def _runner(self, gm: fx.GraphModule, forward: bool):
         # this graph's node names -> the analysed program's
@@ -334,10 +365,12 @@ class DynamoGraph:
         opts = self.options
         if self.iterations >= opts.warmup + opts.iters and len(self.stats.records) >= opts.iters:
             self.stats.records = self.stats.records[-opts.iters:]
-            self.report = build_report(self.analysis, self.stats.aggregate(), device=self.device,
-                                       timer=self.timer, swap=opts.swap,
-                                       meta={"capture": "compile", "graph_index": self.index,
-                                             "warmup": opts.warmup})
+            self.report = assemble_report(self.analysis, self.stats.aggregate(), device=self.device,
+                                          timer=self.timer, swap=opts.swap, swap_model=swap_model(self.device),
+                                          meta={"model": self.model_name, "capture": "compile",
+                                                "graph_index": self.index, "warmup": opts.warmup},
+                                          hints=self.hints, root_module=self.model_name,
+                                          module_depth=opts.module_depth)
             self.session.graph_measured()
             if opts.after == "run":
                 self.instrumenting = False
@@ -352,12 +385,12 @@ def _joint_record(count: int, parts) -> IterationRecord:
     run_time = np.zeros(count)
     memory = None
     if parts[0][0].peak_bytes is not None:
-        memory = np.full((3, count), -1, dtype=np.int64)
+        memory = np.full((2, count), -1, dtype=np.int64)
     for record, ranks in parts:
         mask = ranks >= 0
         run_time[ranks[mask]] += record.run_time_ms[mask]
         if memory is not None:
-            for row, values in enumerate((record.allocated_after_bytes, record.peak_bytes, record.output_bytes)):
+            for row, values in enumerate((record.allocated_after_bytes, record.peak_bytes)):
                 memory[row, ranks[mask]] = values[mask]
     (forward, _), (backward, _) = parts
     outside = {"before_forward": forward.peak_before_bytes, "before_backward": backward.peak_before_bytes}
@@ -366,10 +399,7 @@ def _joint_record(count: int, parts) -> IterationRecord:
                             swap_out_measured_ms={k: v for r, _ in parts for k, v in r.swap_out_measured_ms.items()},
                             swap_in_measured_ms={k: v for r, _ in parts for k, v in r.swap_in_measured_ms.items()})
     if memory is not None:
-        for row in range(2):
-            memory[row] = _forward_fill(memory[row])
-        memory[2] = np.maximum(memory[2], 0)
-        joint.allocated_after_bytes, joint.peak_bytes, joint.output_bytes = memory
+        joint.allocated_after_bytes, joint.peak_bytes = (_forward_fill(row) for row in memory)
     return joint
 
 
@@ -380,43 +410,17 @@ def _forward_fill(values: np.ndarray) -> np.ndarray:
     return np.where(filled >= 0, filled, 0)
 
 
-def _combine_graphs(graphs: list["DynamoGraph"], session: ProfileSession) -> Report:
+def _combine_graphs(graphs: list["DynamoGraph"], session: ProfileSession, model: str | None = None) -> Report:
     """One report for all measured graphs of a compiled model, in the order
     they first ran."""
     latest = {}  # a recompilation (new shapes) replaces the graph of the same parameters
     for graph in graphs:
         if graph.report is not None:
             latest[graph.key] = graph
-    unmeasured = _unmeasured_note(graphs, latest, session.options)
     measured = sorted(latest.values(), key=lambda g: g.first_run)
-    graphs = [g.report.to_dict() for g in measured]
-    main_index, main = max(enumerate(graphs), key=lambda item: item[1]["memory"]["peak_bytes"])
-    notes = list(main["meta"].get("notes", []))
-    if len(graphs) > 1:
-        notes.append(f"the model had {len(graphs) - 1} graph break(s): {len(graphs)} graphs, shown in "
-                     "execution order under 'graphs'; top-level memory is the graph with the highest peak")
-    notes += unmeasured
-    opt_state_bytes = _optimizer_state_bytes(session.optimizer)
-    memory = copy.deepcopy(main["memory"])
-    if memory["measured_peak_bytes"] is not None:  # the allocator's peak is the step's, in any graph
-        memory["measured_peak_bytes"] = max(g["memory"]["measured_peak_bytes"] for g in graphs)
-    if opt_state_bytes is None:
-        notes.append("optimizer state was not seen: the optimizer runs outside the compiled graph; "
-                      "pass options={'optimizer': opt} to count its state as OPT_STATE")
-    else:
-        kind = NodeType.OPT_STATE.value
-        memory["peak_bytes"] += opt_state_bytes
-        memory["breakdown_at_peak"][kind] = memory["breakdown_at_peak"].get(kind, 0) + opt_state_bytes
-        length = len(next(iter(memory["timeline"].values()), []))
-        memory["timeline"][kind] = [b + opt_state_bytes for b in memory["timeline"].get(kind, [0] * length)]
-    meta = {**main["meta"], "graphs": len(graphs), "graph_breaks": len(graphs) - 1, "notes": notes,
-            "memory_graph": main_index}  # the graph whose memory is at the top level
-    data = {"schema": SCHEMA, "meta": meta,
-            "nodes": [dict(n, graph=i) for i, g in enumerate(graphs) for n in g["nodes"]],
-            "activations": [dict(a, graph=i) for i, g in enumerate(graphs) for a in g["activations"]],
-            "memory": memory, "graphs": graphs}
-    meta["iteration_time_ms"] = sum(g["meta"]["iteration_time_ms"] for g in graphs)
-    return Report(data)
+    return combine_graph_reports([g.report.to_dict() for g in measured], _optimizer_state_bytes(session.optimizer),
+                                 _unmeasured_note(graphs, latest, session.options),
+                                 model or next((g.model_name for g in measured if g.model_name), None))
 
 
 def _unmeasured_note(graphs: list["DynamoGraph"], measured: dict, options: BackendOptions) -> list[str]:

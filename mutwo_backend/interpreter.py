@@ -11,8 +11,12 @@ import numpy as np
 import torch
 from torch import fx
 
+from passes import GraphAnalysis
+
+from .device_memory import AllocatorReadings
 from .errors import MutwoError
 from .optimizers import EAGER_EQUIVALENTS
+from .swap import SwapCopies
 from .timers import make_timer
 
 
@@ -32,7 +36,6 @@ class IterationRecord:
     wall_ms: float
     allocated_after_bytes: np.ndarray | None = None
     peak_bytes: np.ndarray | None = None
-    output_bytes: np.ndarray | None = None
     # The allocator's peak between the end of the previous run on the device
     # and the start of this one: code outside the graph, such as the eager
     # loss between torch.compile's forward and backward graphs. None where
@@ -112,8 +115,8 @@ class ProfilingInterpreter(fx.Interpreter):
         so callers read them in one measured iteration and time all."""
         count = len(self.nodes)
         self._reading = self.on_cuda and read_memory
-        # rows: allocated after the node, the node's peak, its output bytes
-        self._memory = np.zeros((3, count), dtype=np.int64) if self._reading else None
+        # rows: allocated after the node, the node's peak
+        self._memory = np.zeros((2, count), dtype=np.int64) if self._reading else None
         peak_before = self._allocator.allocated_and_peak_bytes()[1] if self._reading else None
         start = time.perf_counter()
         self.timer.start_iteration()
@@ -134,7 +137,7 @@ class ProfilingInterpreter(fx.Interpreter):
         wall_ms = (time.perf_counter() - start) * 1e3
         record = IterationRecord(run_time_ms, wall_ms, peak_before_bytes=peak_before)
         if self._reading:
-            record.allocated_after_bytes, record.peak_bytes, record.output_bytes = self._memory
+            record.allocated_after_bytes, record.peak_bytes = self._memory
         if self.swaps is not None:
             record.swap_out_measured_ms, record.swap_in_measured_ms = self.swaps.finish()
         return out, record
@@ -167,7 +170,6 @@ class ProfilingInterpreter(fx.Interpreter):
         self.timer.after(i)
         if self._reading:
             self._memory[0, i], self._memory[1, i] = self._allocator.allocated_and_peak_bytes()
-            self._memory[2, i] = _storage_bytes(result)
         self._swap_out_after(n, result)
         return result
 
@@ -176,7 +178,7 @@ class ProfilingInterpreter(fx.Interpreter):
         result = self.env[collection][index]
         if self._reading:
             allocated = self._memory[0, i - 1]  # (a getitem is never a graph's first node)
-            self._memory[:, i] = allocated, allocated, _storage_bytes(result)
+            self._memory[:, i] = allocated, allocated
         self._swap_out_after(n, result)
         return result
 
@@ -197,72 +199,15 @@ def _is_getitem(node: fx.Node) -> bool:
             and isinstance(node.args[0], fx.Node) and not node.kwargs)
 
 
-class AllocatorReadings:
-    """The CUDA caching allocator's byte counters, read straight from its C++
-    statistics: torch.cuda.memory_allocated() flattens every statistic into a
-    new dict per call, too slow to call around each of 10,000 nodes. Even
-    so, one reading per node is a quarter of an interpreted iteration's
-    host time on ResNet-152: read once, after the node."""
-
-    def __init__(self, device: torch.device):
-        self.index = device.index if device.index is not None else torch.cuda.current_device()
-
-    def allocated_and_peak_bytes(self) -> tuple[int, int]:
-        counters = torch._C._cuda_memoryStats(self.index)["allocated_bytes"]["all"]
-        return counters["current"], counters["peak"]
-
-    def reset_peak(self) -> None:
-        torch._C._cuda_resetPeakMemoryStats(self.index)
-
-
-def _storage_bytes(result) -> int:
-    """Bytes of the node's output storages, each storage counted once."""
-    if isinstance(result, torch.Tensor):  # most nodes: no pytree walk
-        return result.untyped_storage().nbytes()
-    seen, total = set(), 0
-    for leaf in torch.utils._pytree.tree_leaves(result):
-        if isinstance(leaf, torch.Tensor):
-            storage = leaf.untyped_storage()
-            if storage.data_ptr() not in seen:
-                seen.add(storage.data_ptr())
-                total += storage.nbytes()
-    return total
-
-
-class SwapCopies:
-    """Real device<->pinned-host copies of activations on a side stream, timed
-    with CUDA events. Nothing reads the copies: results cannot change."""
-
-    def __init__(self):
-        self.stream = torch.cuda.Stream()
-        self.host = {}
-        self.pending = []
-
-    def _copy(self, direction: str, name: str, dst: torch.Tensor, src: torch.Tensor):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            start.record()
-            dst.copy_(src, non_blocking=True)
-            end.record()
-        for tensor in (dst, src):
-            if tensor.is_cuda:
-                tensor.record_stream(self.stream)
-        self.pending.append((direction, name, start, end))
-
-    def copy_out(self, name: str, value: torch.Tensor):
-        if name not in self.host:
-            self.host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
-        self._copy("out", name, self.host[name], value)
-
-    def copy_in(self, name: str, like: torch.Tensor):
-        if name in self.host:
-            self._copy("in", name, torch.empty_like(like), self.host[name])
-
-    def finish(self) -> tuple[dict[str, float], dict[str, float]]:
-        self.stream.synchronize()
-        times = {"out": {}, "in": {}}
-        for direction, name, start, end in self.pending:
-            times[direction][name] = start.elapsed_time(end)
-        self.pending.clear()
-        return times["out"], times["in"]
+def swap_points(analysis: GraphAnalysis, names: set[str] | None = None) -> tuple[dict, dict]:
+    """Where the interpreter copies activations: ``({node name: activations
+    last accessed in forward there}, {node name: activations first accessed in
+    backward there})``. With ``names`` (the nodes of one of several graphs),
+    only points where both the node and the activation are among them."""
+    swap_out_after, swap_in_before = {}, {}
+    for node, info in analysis.activations.items():
+        for points, rank in ((swap_out_after, info.last_fw_rank), (swap_in_before, info.first_bw_rank)):
+            at = analysis.nodes[rank].name
+            if names is None or (at in names and node.name in names):
+                points.setdefault(at, []).append(node.name)
+    return swap_out_after, swap_in_before

@@ -7,6 +7,7 @@ creates state in its first iteration is not the graph of a steady training
 step.
 """
 
+import contextlib
 import operator
 
 import torch
@@ -94,6 +95,22 @@ def remove_state(optimizer: Optimizer, created: list[tuple[torch.Tensor, str]]) 
         state.pop(key, None)
         if not state:
             del optimizer.state[p]
+
+
+@contextlib.contextmanager
+def new_state_removed_on_error(optimizer: Optimizer):
+    """If the block raises, remove the optimizer state it created (the
+    capture creates it before a first step): a failed call leaves the
+    optimizer as it was. Only for blocks that run no real training step."""
+    before = {id(p): set(state) for p, state in optimizer.state.items()}
+    try:
+        yield
+    except BaseException:
+        remove_state(optimizer, [(p, key) for p, state in list(optimizer.state.items())
+                                 for key in state if key not in before.get(id(p), ())])
+        for p in [p for p, state in optimizer.state.items() if not state and id(p) not in before]:
+            del optimizer.state[p]  # (an empty entry made by looking a parameter up)
+        raise
 
 
 def _initial_state(optimizer: Optimizer, group: dict, p: torch.Tensor) -> dict:

@@ -8,8 +8,8 @@ parent does meanwhile: the profiling, when ``profile_train_step(...,
 report_dir=...)`` starts them first, or the writing of the report's other
 files, when ``Report.save`` starts them.
 
-Each child loads ``mutwo_backend.plots`` without the package's
-``__init__`` (which imports torch), imports matplotlib and draws a small
+Each child loads ``mutwo_backend.plots`` without the packages'
+``__init__`` (which import torch), imports matplotlib and draws a small
 figure, then waits on its stdin for one plot's data. A child that cannot
 start or fails leaves its plot to the parent, with a warning."""
 
@@ -27,17 +27,18 @@ from .report import memory_graph
 PLOTS = ("memory_breakdown", "memory_timeline")
 
 _CHILD = """
-import json, sys, types
-package = types.ModuleType("mutwo_backend")  # the package without its __init__, which imports torch
-package.__path__ = [sys.argv[1]]
-sys.modules["mutwo_backend"] = package
+import json, os, sys, types
+for name, path in (("mutwo_backend", sys.argv[1]), ("passes", os.path.join(os.path.dirname(sys.argv[1]), "passes"))):
+    package = types.ModuleType(name)  # the packages without their __init__, which imports torch
+    package.__path__ = [path]
+    sys.modules[name] = package
 from mutwo_backend import plots
 plots.warm_up()
 request = sys.stdin.read().splitlines()
 if request:  # (none: the parent ended without a plot to draw)
-    name, data_path, path = request
+    name, data_path, path, options = request
     with open(data_path) as f:
-        getattr(plots, name)(json.load(f), path)
+        getattr(plots, name)(json.load(f), path, **json.loads(options))
 """
 
 log = logging.getLogger("mutwo")
@@ -73,8 +74,10 @@ class PlotProcesses:
                 continue
             self._children[name] = (child, stderr)
 
-    def draw(self, data: dict, directory: str) -> None:
-        """Start drawing every plot of the report ``data`` into ``directory``."""
+    def draw(self, data: dict, directory: str, options: dict[str, dict] | None = None) -> None:
+        """Start drawing every plot of the report ``data`` into ``directory``;
+        ``options`` holds keyword arguments per plot name."""
+        options = options or {}
         subset = plot_data(data)
         if self._children:
             self._data_file = tempfile.NamedTemporaryFile("w", prefix="mutwo-plot-", suffix=".json", delete=False)
@@ -84,16 +87,17 @@ class PlotProcesses:
             path = os.path.join(directory, f"{name}.png")
             child, stderr = self._children.pop(name, (None, None))
             if child is not None:
-                child.stdin.write(f"{name}\n{self._data_file.name}\n{path}\n".encode())
+                child.stdin.write(f"{name}\n{self._data_file.name}\n{path}\n"
+                                  f"{json.dumps(options.get(name, {}))}\n".encode())
                 child.stdin.close()
-            self._pending[name] = (child, stderr, subset, path)
+            self._pending[name] = (child, stderr, subset, path, options.get(name, {}))
 
     def wait(self) -> None:
         """Wait for the plots; draw here each one a child could not."""
         from . import plots
 
         for name in list(self._pending):
-            child, stderr, data, path = self._pending[name]
+            child, stderr, data, path, plot_options = self._pending[name]
             if child is not None:
                 returncode = child.wait()
                 stderr.seek(0)
@@ -104,13 +108,13 @@ class PlotProcesses:
                 if child is not None:
                     log.warning("the process drawing %s.png failed (exit code %s): drawing it here\n%s",
                                 name, returncode, message)
-                getattr(plots, name)(data, path)
+                getattr(plots, name)(data, path, **plot_options)
         self._remove_data_file()
 
     def close(self) -> None:
         """End the children still running: those given nothing to draw, and
         those whose plot nobody waits for (the caller failed after draw)."""
-        running = [*self._children.values(), *((c, e) for c, e, _, _ in self._pending.values() if c)]
+        running = [*self._children.values(), *((c, e) for c, e, *_ in self._pending.values() if c)]
         for child, stderr in running:
             child.kill()
             child.wait()
@@ -139,7 +143,9 @@ def _spare_cores() -> bool:
 
 
 def plot_data(data: dict) -> dict:
-    """What the plots read of a report: its meta, memory and the region and
-    peak of each node of the graph the memory timeline follows."""
-    nodes = [{"region": n["region"], "peak_bytes": n["peak_bytes"]} for n in memory_graph(data)["nodes"]]
+    """What the plots read of a report: its meta, memory and, for each node
+    of the graph the memory timeline follows, its name, module, region,
+    time and peak."""
+    nodes = [{key: n.get(key) for key in ("name", "module", "region", "run_time_ms", "peak_bytes")}
+             for n in memory_graph(data)["nodes"]]
     return {"meta": data["meta"], "memory": data["memory"], "nodes": nodes}

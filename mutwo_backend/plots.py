@@ -79,7 +79,7 @@ def memory_breakdown(data: dict, path: str) -> None:
     ax.set_xlim(-0.5, 2.0)
     ax.set_ylim(0, max([top * 1.05] + [y + gap / 2 for y in placed]))
     ax.set_xticks([0])
-    ax.set_xticklabels([f"peak at node {memory['peak_rank']}"])
+    ax.set_xticklabels([f"at the peak, while {_node_label(memory_graph(data)['nodes'], memory['peak_rank'])} runs"])
     ax.set_ylabel(f"memory at peak ({unit})")
     ax.spines[["top", "right"]].set_visible(False)
     subtitle = f"simulated peak {format_bytes(memory['peak_bytes'])}"
@@ -93,52 +93,90 @@ def memory_breakdown(data: dict, path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def memory_timeline(data: dict, path: str) -> None:
-    """Simulated live memory per node rank stacked by kind, the regions
+TIMELINE_X_AXES = ("time", "rank")
+
+
+def memory_timeline(data: dict, path: str, x_axis: str = "time") -> None:
+    """Simulated live memory after each node stacked by kind, the regions
     shaded, the peak marked, and the allocator's measured curve on top when
-    there is one (GPU)."""
+    there is one (GPU). ``x_axis`` "time" spaces the nodes by their median
+    times (the step as it runs: views and graph inputs take no width),
+    "rank" evenly in graph order."""
+    if x_axis not in TIMELINE_X_AXES:
+        raise ValueError(f"x_axis is {x_axis!r}: choose one of {', '.join(TIMELINE_X_AXES)}")
     memory = data["memory"]
     timeline = memory["timeline"]
     kinds = [k for k in _ordered(timeline, KINDS) if any(timeline[k])]
     length = len(next(iter(timeline.values()), []))
-    ranks = list(range(length))
-    totals = [sum(timeline[k][r] for k in timeline) for r in ranks]
+    nodes = memory_graph(data)["nodes"][:length]
+    starts, ends = _node_spans(nodes, length, x_axis)
+    middles = [(a + b) / 2 for a, b in zip(starts, ends)]
+    totals = [sum(timeline[k][r] for k in timeline) for r in range(length)]
     measured = memory.get("measured_allocated_after_bytes")
-    nodes = memory_graph(data)["nodes"]
     scale, unit = _unit(max(totals + (measured or []) + [memory["peak_bytes"], 1]))
     fig, ax = _figure((14, 5.5))
-    for region, first, last in _region_spans(nodes[:length]):
-        ax.axvspan(first - 0.5, last + 0.5, color=REGION_COLORS.get(region, "#f4f4f4"), zorder=0)
-        ax.text((first + last) / 2, 1.0, region, transform=ax.get_xaxis_transform(), ha="center",
+    for region, first, last in _region_spans(nodes):
+        ax.axvspan(starts[first], ends[last], color=REGION_COLORS.get(region, "#f4f4f4"), zorder=0)
+        ax.text((starts[first] + ends[last]) / 2, 1.0, region, transform=ax.get_xaxis_transform(), ha="center",
                 va="bottom", fontsize=9)
         if first > 0:
-            ax.axvline(first - 0.5, color="#666666", linewidth=0.8, linestyle=":")
+            ax.axvline(starts[first], color="#666666", linewidth=0.8, linestyle=":")
+    # each node's value holds from its end to the next node's end
     if kinds:
-        ax.stackplot(ranks, [[b / scale for b in timeline[k]] for k in kinds], labels=kinds,
-                     colors=[KIND_COLORS.get(k, "#cccccc") for k in kinds], step="mid", zorder=2)
-    during = [n["peak_bytes"] for n in nodes[:length]] if len(nodes) >= length else []
-    if during:
-        ax.plot(ranks, [b / scale for b in during], color="#333333", linewidth=0.6, alpha=0.7, zorder=3,
-                drawstyle="steps-mid",
+        ax.stackplot(ends, [[b / scale for b in timeline[k]] for k in kinds], labels=kinds,
+                     colors=[KIND_COLORS.get(k, "#cccccc") for k in kinds], step="post", zorder=2)
+    during = [n["peak_bytes"] for n in nodes] if len(nodes) == length else []
+    if during:  # while a node runs: from its start to its end
+        ax.plot(starts + ends[-1:], [b / scale for b in during + during[-1:]], color="#333333", linewidth=0.6,
+                alpha=0.7, zorder=3, drawstyle="steps-post",
                 label="measured peak while each\nnode runs (allocator)" if measured else
                       "simulated, while each node runs\n(inputs held, outputs allocated)")
     if measured:
-        ax.plot(ranks, [b / scale for b in measured[:length]], color="black", linewidth=1.4,
-                label="measured allocated after\neach node (allocator)", zorder=4, drawstyle="steps-mid")
+        ax.plot(ends, [b / scale for b in measured[:length]], color="black", linewidth=1.4,
+                label="measured allocated after\neach node (allocator)", zorder=4, drawstyle="steps-post")
     peak_rank, peak = memory["peak_rank"], memory["peak_bytes"]
-    ax.plot([peak_rank], [peak / scale], marker="v", color="black", markersize=7, zorder=5, linestyle="none")
-    ax.annotate(f"simulated peak {format_bytes(peak)}\nwhile node {peak_rank} runs", xy=(peak_rank, peak / scale),
-                xytext=(8, 2), textcoords="offset points", fontsize=9, va="bottom", zorder=5)
+    peak_x = middles[peak_rank] if peak_rank < length else 0
+    ax.plot([peak_x], [peak / scale], marker="v", color="black", markersize=7, zorder=5, linestyle="none")
+    ax.annotate(f"simulated peak {format_bytes(peak)}\n{_while_runs(nodes, peak_rank, starts, x_axis)}",
+                xy=(peak_x, peak / scale), xytext=(8, 2), textcoords="offset points", fontsize=9, va="bottom",
+                zorder=5)
     top = max(totals + during + (measured or []) + [peak, 1])
-    ax.set_xlim(-0.5, max(length - 0.5, 0.5))
+    ax.set_xlim(starts[0] if length else 0, max(ends[-1] if length else 0, 1e-9))
     ax.set_ylim(0, top / scale * 1.15)
-    ax.set_xlabel("node rank (graph order)")
+    ax.set_xlabel("time in the step (ms, node medians laid end to end)" if x_axis == "time"
+                  else "node rank (graph order)")
     ax.set_ylabel(f"live memory after each node ({unit})")
     ax.set_title(f"Live memory per node: {_title(data)}", fontsize=10, pad=16)
     handles, labels = ax.get_legend_handles_labels()
     ax.legend(handles[::-1], labels[::-1], loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
     fig.subplots_adjust(left=0.055, right=0.83, bottom=0.1, top=0.88)  # the legend on the right
     fig.savefig(path, dpi=120)
+
+
+def _node_spans(nodes: list[dict], length: int, x_axis: str) -> tuple[list[float], list[float]]:
+    """Where each node starts and ends on the x axis."""
+    if x_axis == "rank" or len(nodes) < length or not any(n.get("run_time_ms") for n in nodes):
+        return [r - 0.5 for r in range(length)], [r + 0.5 for r in range(length)]
+    starts, ends, t = [], [], 0.0
+    for n in nodes:
+        starts.append(t)
+        t += n["run_time_ms"]
+        ends.append(t)
+    return starts, ends
+
+
+def _while_runs(nodes: list[dict], rank: int, starts: list[float], x_axis: str) -> str:
+    """"while layer4.0.conv2 (convolution_backward_140) runs, at 45.2 ms"."""
+    when = f", at {starts[rank]:.1f} ms" if x_axis == "time" and rank < len(starts) else f", rank {rank}"
+    return f"while {_node_label(nodes, rank)} runs{when}"
+
+
+def _node_label(nodes: list[dict], rank: int) -> str:
+    """A node by its module and name where the report has them."""
+    node = nodes[rank] if rank < len(nodes) else {}
+    if "name" not in node:
+        return f"node {rank}"
+    return f"{node['module']} ({node['name']})" if node.get("module") else node["name"]
 
 
 def _region_spans(nodes: list[dict]) -> list[tuple[str, int, int]]:

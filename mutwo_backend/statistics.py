@@ -20,7 +20,6 @@ class NodeStatistics:
     iterations: int
     allocated_after_bytes: np.ndarray | None
     peak_bytes: np.ndarray | None
-    output_bytes: np.ndarray | None
     outside_peak_bytes: dict[str, float]  # allocator peaks outside the graphs (compile capture)
     swap_out_measured_ms: dict[str, float]
     swap_in_measured_ms: dict[str, float]
@@ -65,7 +64,7 @@ class Statistics:
             wall_ms=float(np.median([r.wall_ms for r in self.records])),
             iterations=len(self.records),
             allocated_after_bytes=median_of("allocated_after_bytes"),
-            peak_bytes=median_of("peak_bytes"), output_bytes=median_of("output_bytes"),
+            peak_bytes=median_of("peak_bytes"),
             outside_peak_bytes=median_by_name("outside_peak_bytes"),
             swap_out_measured_ms=median_by_name("swap_out_measured_ms"),
             swap_in_measured_ms=median_by_name("swap_in_measured_ms"))

@@ -241,3 +241,42 @@ def _fit(sizes: list[int], times_ms: list[float]) -> CopyCost:
     design = np.stack([np.ones_like(sizes_arr), sizes_arr], axis=1) / times_arr[:, None]
     (latency_ms, ms_per_byte), *_ = np.linalg.lstsq(design, np.ones_like(times_arr), rcond=None)
     return CopyCost(max(float(latency_ms), 0.0), float(1.0 / ms_per_byte))
+
+
+class SwapCopies:
+    """Real device<->pinned-host copies of activations on a side stream, timed
+    with CUDA events. Nothing reads the copies: results cannot change."""
+
+    def __init__(self):
+        self.stream = torch.cuda.Stream()
+        self.host = {}
+        self.pending = []
+
+    def _copy(self, direction: str, name: str, dst: torch.Tensor, src: torch.Tensor):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+        for tensor in (dst, src):
+            if tensor.is_cuda:
+                tensor.record_stream(self.stream)
+        self.pending.append((direction, name, start, end))
+
+    def copy_out(self, name: str, value: torch.Tensor):
+        if name not in self.host:
+            self.host[name] = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+        self._copy("out", name, self.host[name], value)
+
+    def copy_in(self, name: str, like: torch.Tensor):
+        if name in self.host:
+            self._copy("in", name, torch.empty_like(like), self.host[name])
+
+    def finish(self) -> tuple[dict[str, float], dict[str, float]]:
+        self.stream.synchronize()
+        times = {"out": {}, "in": {}}
+        for direction, name, start, end in self.pending:
+            times[direction][name] = start.elapsed_time(end)
+        self.pending.clear()
+        return times["out"], times["in"]

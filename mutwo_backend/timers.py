@@ -25,8 +25,6 @@ from torch._C._profiler import _RecordFunctionFast
 from torch.autograd import _enable_record_function
 from torch.profiler import ProfilerActivity, profile
 
-from .errors import MutwoError
-
 TIMERS = ("cpu", "cuda-events", "cupti")
 
 
@@ -38,11 +36,8 @@ def make_timer(name: str, node_count: int, untimed: frozenset[int] = frozenset()
                span_iterations: bool = False):
     """A timer for ``node_count`` nodes; the nodes in ``untimed`` are never
     timed and take 0 ms. With ``span_iterations`` a cupti timer keeps one
-    profiler session over iterations and fills in their times at ``flush()``."""
-    if name not in TIMERS:
-        raise MutwoError(f"unknown timer {name!r}: choose one of {', '.join(TIMERS)}")
-    if name != "cpu" and not torch.cuda.is_available():
-        raise MutwoError(f"timer {name!r} needs a CUDA GPU and none is visible: use timer='cpu'.")
+    profiler session over iterations and fills in their times at ``flush()``.
+    The name is checked by arguments.check_timer."""
     if name == "cuda-events":  # the one that must know: an event pair never recorded cannot be read
         return CudaEventTimer(node_count, untimed)
     if name == "cupti":
@@ -132,7 +127,6 @@ class CuptiTimer:
         self._pending: list[np.ndarray] = []  # this session's iterations, in order
         self._profiler = None
         self._range = None
-        self.unattributed_ms = 0.0
 
     def start_iteration(self):
         if self._profiler is None:
@@ -187,13 +181,9 @@ class CuptiTimer:
                 gpu_events.append(event)
         ranges.sort()
         starts = [r[0] for r in ranges]
-        unattributed_ns = 0
         for event in gpu_events:
             launch_ns = cpu_start_ns.get(event.linked_correlation_id())
             where = bisect.bisect_right(starts, launch_ns) - 1 if launch_ns is not None else -1
             if where >= 0 and launch_ns <= ranges[where][1] and ranges[where][2] < len(iterations):
                 _, _, iteration, node = ranges[where]
                 iterations[iteration][node] += event.duration_ns() / 1e6
-            else:
-                unattributed_ns += event.duration_ns()
-        self.unattributed_ms = unattributed_ns / 1e6

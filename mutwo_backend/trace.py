@@ -3,9 +3,10 @@
 
 One process per graph (one for a train-step capture), with:
 
-- track "nodes": a complete event ("ph": "X") per node, laid end to end in
-  graph order with its median run time; args hold rank, op, target, region,
-  kind and sizes;
+- track "nodes": a complete event ("ph": "X") per node, named by its module
+  and node name (``layer1.0.conv1: convolution``), laid end to end in graph
+  order with its median run time; args hold the node's name, rank, module,
+  source line, parameter, op, target, region, kind and sizes;
 - counters ("ph": "C") "live memory (bytes)" (simulated total, and on a GPU
   the allocator's measured bytes) and "live memory by kind (bytes)": the
   bytes live after each node, from the moment it ends;
@@ -26,7 +27,7 @@ NODE_TID, SWAP_OUT_TID, SWAP_IN_TID = 1, 2, 3
 
 
 def chrome_trace(data: dict) -> dict:
-    """The trace of a report dict (schema "mutwo.report/1")."""
+    """The trace of a report dict (schema "mutwo.report/2")."""
     graphs = data.get("graphs") or [data]
     model = data["meta"].get("model") or "model"
     events, offset_us = [], 0.0
@@ -67,11 +68,13 @@ def _graph_events(graph: dict, pid: int, offset_us: float) -> tuple[list[dict], 
     start, end_us = [s / 1000 for s in start_ns], t / 1000
     events = []
     for n, ts in zip(nodes, start):
-        events.append({"ph": "X", "name": n["name"], "cat": n["region"], "pid": pid, "tid": NODE_TID,
+        events.append({"ph": "X", "name": slice_name(n), "cat": n["region"], "pid": pid, "tid": NODE_TID,
                        "ts": ts, "dur": _ns(n["run_time_ms"]) / 1000,
-                       "args": {"rank": n["rank"], "op": n["op"], "target": n["target"], "region": n["region"],
-                                "kind": n["kind"], "run_time_ms": n["run_time_ms"],
-                                "output_bytes": n["output_bytes"], "peak_bytes": n["peak_bytes"]}})
+                       "args": {"node": n["name"], "rank": n["rank"], "module": n.get("module"),
+                                "source": n.get("source"), "param": n.get("param"), "op": n["op"],
+                                "target": n["target"], "region": n["region"], "kind": n["kind"],
+                                "run_time_ms": n["run_time_ms"], "output_bytes": n["output_bytes"],
+                                "peak_bytes": n["peak_bytes"]}})
     timeline = memory["timeline"]
     kinds = [k for k in _ordered(timeline, KINDS) if any(timeline[k])]
     length = min([len(nodes)] + [len(v) for v in timeline.values()])
@@ -94,6 +97,11 @@ def _graph_events(graph: dict, pid: int, offset_us: float) -> tuple[list[dict], 
         events += counters(start[rank + 1] if rank + 1 < len(start) else end_us, rank)
     events += _swap_events(graph["activations"], nodes, start_ns, pid)
     return events, end_us
+
+
+def slice_name(node: dict) -> str:
+    """"layer1.0.conv1: convolution" where the node's module is known, else its name."""
+    return f"{node['module']}: {node['name']}" if node.get("module") else node["name"]
 
 
 def _ns(ms: float) -> int:
@@ -126,7 +134,7 @@ def _swap_event(a: dict, what: str, tid: int, pid: int, ts_ns: int, dur_ns: int,
                 measured_ms: float | None) -> dict:
     return {"ph": "X", "name": f"{what} {a['name']}", "cat": what, "pid": pid, "tid": tid,
             "ts": ts_ns / 1000, "dur": dur_ns / 1000,
-            "args": {"activation": a["name"], "memory_bytes": a["memory_bytes"], "model_ms": model_ms,
+            "args": {"activation": a["name"], "module": a.get("module"), "memory_bytes": a["memory_bytes"], "model_ms": model_ms,
                      "measured_ms": measured_ms, "inactive_time_ms": a["inactive_time_ms"],
                      "hidden": a["swap_hidden"], "last_fw_rank": a["last_fw_rank"],
                      "first_bw_rank": a["first_bw_rank"]}}

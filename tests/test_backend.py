@@ -433,13 +433,13 @@ def test_peaks_outside_the_graphs_are_carried_to_the_statistics_and_noted():
     forward and before the backward graph, the statistics take their median
     and the report's note names where the step peaked."""
     from mutwo_backend.interpreter import IterationRecord
-    from mutwo_backend.profiler import _outside_peak_notes
+    from mutwo_backend.assemble import outside_peak_notes
     from mutwo_backend.statistics import Statistics
 
     def graph_record(peak_before, peaks):
         peaks = np.array(peaks, dtype=np.int64)
         return IterationRecord(np.ones(len(peaks)), 1.0, allocated_after_bytes=peaks, peak_bytes=peaks,
-                               output_bytes=np.zeros_like(peaks), peak_before_bytes=peak_before)
+                               peak_before_bytes=peak_before)
 
     stats = Statistics()
     for loss_peak in (900, 1000, 1100):
@@ -449,9 +449,9 @@ def test_peaks_outside_the_graphs_are_carried_to_the_statistics_and_noted():
     aggregate = stats.aggregate()
     assert aggregate.outside_peak_bytes == {"before_forward": 300, "before_backward": 1000}
     assert list(aggregate.peak_bytes) == [100, 200, 400, 500]
-    (note,) = _outside_peak_notes(int(aggregate.peak_bytes.max()), {"before_backward": 1000, "before_forward": 300})
+    (note,) = outside_peak_notes(int(aggregate.peak_bytes.max()), {"before_backward": 1000, "before_forward": 300})
     assert "1,000 B" in note and "between the forward and backward graphs" in note and "500 B" in note
-    assert _outside_peak_notes(1000, {"before_backward": 1000}) == []
+    assert outside_peak_notes(1000, {"before_backward": 1000}) == []
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the allocator's peak needs a CUDA GPU")

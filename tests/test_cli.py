@@ -13,7 +13,7 @@ from mutwo_backend import cli
 from mutwo_backend.interpreter import NodeExecutionError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-REPORT_FILES = {"report.json", "nodes.csv", "activations.csv", "trace.json", "memory_breakdown.png",
+REPORT_FILES = {"report.json", "nodes.csv", "activations.csv", "modules.csv", "trace.json", "memory_breakdown.png",
                 "memory_timeline.png"}
 
 

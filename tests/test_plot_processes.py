@@ -71,7 +71,7 @@ def test_profile_train_step_saves_to_report_dir(tmp_path, children_everywhere):
     inputs, targets = spec.make_batch(8, spec.default_seq_len, torch.device("cpu"))
     report = profile_train_step(zoo_train_step(spec), model, optimizer, inputs, targets, iters=1,
                                 report_dir=str(tmp_path))
-    assert sorted(os.listdir(tmp_path)) == sorted(["report.json", "nodes.csv", "activations.csv", "trace.json",
+    assert sorted(os.listdir(tmp_path)) == sorted(["report.json", "nodes.csv", "activations.csv", "modules.csv", "trace.json",
                                                    *(f"{name}.png" for name in PLOTS)])
     assert list(report.to_dict()["meta"]["phase_seconds"])[-1] == "save"
 

@@ -3,6 +3,7 @@ DESIGN.md, CSV row counts, non-blank PNGs, a Chrome trace with every node,
 the printed tables, and saving without matplotlib."""
 
 import bisect
+import copy
 import csv
 import json
 import os
@@ -17,25 +18,36 @@ from mutwo_backend.models import get_model, zoo_train_step
 from mutwo_backend.profiler import profile_train_step
 from mutwo_backend.report import PLOT_HINT, Report, validate
 
-FILES = ["report.json", "nodes.csv", "activations.csv", "trace.json", "memory_breakdown.png",
+FILES = ["report.json", "nodes.csv", "activations.csv", "modules.csv", "trace.json", "memory_breakdown.png",
          "memory_timeline.png"]
 KINDS = {"PARAM", "BUFFER", "INPUT", "ACT", "GRAD", "OPT_STATE", "OTHER"}
 REGIONS = {"forward", "loss", "backward", "optimizer"}
 
-# The schema "mutwo.report/1" as DESIGN.md lists it, written out here on its
-# own so that the test does not check the code against itself.
+# The schema "mutwo.report/2" (DESIGN.md's /1 fields and issue #17's
+# additions), written out here on its own so that the test does not check
+# the code against itself.
 NUMBER, OPTIONAL_NUMBER = (int, float), (int, float, type(None))
+OPTIONAL_STR, OPTIONAL_INT = (str, type(None)), (int, type(None))
 SCHEMA = {
     "meta": {"model": str, "capture": str, "warmup": int, "iters": int, "device": str, "device_name": str,
-             "torch_version": str, "timer": str, "iteration_time_ms": NUMBER, "swap": str, "notes": list},
+             "torch_version": str, "timer": str, "iteration_time_ms": NUMBER, "swap": str, "notes": list,
+             "node_time_sum_ms": NUMBER, "module_depth": int, "inputs": list},
     "node": {"name": str, "rank": int, "op": str, "target": str, "region": str, "kind": str,
-             "run_time_ms": NUMBER, "peak_bytes": int, "active_bytes": int, "output_bytes": int},
+             "run_time_ms": NUMBER, "peak_bytes": int, "active_bytes": int, "output_bytes": int,
+             "module": OPTIONAL_STR, "source": OPTIONAL_STR, "param": OPTIONAL_STR, "inputs": list,
+             "simulated_during_bytes": int, "simulated_live_bytes": int},
     "activation": {"name": str, "memory_bytes": int, "creation_rank": int, "last_fw_rank": int,
                    "first_bw_rank": int, "last_bw_rank": int, "inactive_time_ms": NUMBER,
                    "swap_out_ms": NUMBER, "swap_in_ms": NUMBER, "swap_out_measured_ms": OPTIONAL_NUMBER,
                    "swap_in_measured_ms": OPTIONAL_NUMBER, "swap_hidden": bool, "recompute_srcs": list,
                    "recompute_nodes": list, "recompute_time_ms": NUMBER, "recompute_peak_bytes": int,
-                   "recompute_ratio": OPTIONAL_NUMBER, "recomputable": bool},
+                   "recompute_ratio": OPTIONAL_NUMBER, "recomputable": bool, "module": OPTIONAL_STR,
+                   "source": OPTIONAL_STR, "storage": int, "base": OPTIONAL_STR, "recompute_replays_sep": bool},
+    "storage": {"id": int, "memory_bytes": int, "kind": str, "creator": str, "resident": bool,
+                "allocated_rank": int, "freed_rank": OPTIONAL_INT, "last_use_rank": int},
+    "module": {"module": str, "nodes": int, "time_ms": NUMBER, "forward_ms": NUMBER, "backward_ms": NUMBER,
+               "activations": int, "activation_bytes": int, "activation_bytes_at_peak": int,
+               "recompute_candidates": int, "recompute_candidate_bytes": int},
     "memory": {"peak_bytes": int, "peak_rank": int, "breakdown_at_peak": dict, "timeline": dict,
                "measured_peak_bytes": (int, type(None))},
 }
@@ -75,7 +87,7 @@ def test_save_writes_every_file(saved):
 def test_report_json_has_every_schema_field_with_the_right_type(saved):
     with open(os.path.join(saved, "report.json")) as f:
         data = json.load(f)
-    assert data["schema"] == "mutwo.report/1"
+    assert data["schema"] == "mutwo.report/2"
     check_fields(data["meta"], SCHEMA["meta"], "meta")
     assert data["meta"]["model"] == "bert-tiny" and data["meta"]["batch_size"] == 2
     assert data["meta"]["capture"] == "train-step" and data["meta"]["timer"] == "cpu"
@@ -89,6 +101,10 @@ def test_report_json_has_every_schema_field_with_the_right_type(saved):
         check_fields(act, SCHEMA["activation"], f"activations[{i}]")
         assert act["creation_rank"] <= act["last_fw_rank"] < act["first_bw_rank"] <= act["last_bw_rank"]
         assert set(act["recompute_nodes"]) <= names and set(act["recompute_srcs"]) <= names
+    for section, record in (("storages", "storage"), ("modules", "module")):
+        assert data[section]
+        for i, item in enumerate(data[section]):
+            check_fields(item, SCHEMA[record], f"{section}[{i}]")
     memory = data["memory"]
     check_fields(memory, SCHEMA["memory"], "memory")
     assert memory["measured_peak_bytes"] is None  # no allocator on the CPU
@@ -134,9 +150,11 @@ def test_trace_has_a_complete_event_per_node_and_counters(saved, report):
     thread = {e["tid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "thread_name"}
     node_tid = next(t for t, name in thread.items() if name == "nodes")
     complete = [e for e in events if e["ph"] == "X" and e["tid"] == node_tid]
-    assert [e["name"] for e in complete] == [n["name"] for n in data["nodes"]]
+    assert [e["args"]["node"] for e in complete] == [n["name"] for n in data["nodes"]]
     for event, node in zip(complete, data["nodes"]):
         assert event["args"]["region"] == node["region"] and event["args"]["op"] == node["op"]
+        assert event["args"]["module"] == node["module"] and event["args"]["source"] == node["source"]
+        assert event["name"] == (f"{node['module']}: {node['name']}" if node["module"] else node["name"])
         assert event["dur"] == pytest.approx(node["run_time_ms"] * 1000, abs=1e-3)
     # one track: each node starts where the one before ends
     for before, after in zip(complete, complete[1:]):
@@ -156,7 +174,7 @@ def test_trace_has_a_complete_event_per_node_and_counters(saved, report):
     assert len(samples) < len(complete)
     swaps = [e for e in events if e["ph"] == "X" and thread[e["tid"]].startswith("swap")]
     assert len(swaps) == 2 * len(data["activations"])
-    start = {e["name"]: e["ts"] for e in complete}
+    start = {e["args"]["node"]: e["ts"] for e in complete}
     for event in swaps:  # a swap-out begins after its last forward access, a swap-in ends before its first backward
         node = data["nodes"][event["args"]["last_fw_rank" if event["cat"] == "swap out" else "first_bw_rank"]]
         if event["cat"] == "swap out":
@@ -177,6 +195,144 @@ def test_print_shows_summary_regions_top_nodes_and_activations(report, capsys):
 
 def test_load_reads_back_what_save_wrote(saved, report):
     assert Report.load(saved).to_dict() == json.loads(json.dumps(report.to_dict()))
+
+
+def test_storages_rebuild_the_timeline_and_what_is_live_while_each_node_runs(report):
+    """A planner rebuilds memory from the storage records: live after rank r
+    when allocated_rank <= r < freed_rank, while r runs when <= freed_rank.
+    That must give the report's own timeline, per kind, and its peak."""
+    data = report.to_dict()
+    count = len(data["nodes"])
+    after = {kind: np.zeros(count, dtype=np.int64) for kind in data["memory"]["timeline"]}
+    during = np.zeros(count, dtype=np.int64)
+    for storage in data["storages"]:
+        freed = count if storage["freed_rank"] is None else storage["freed_rank"]
+        after[storage["kind"]][storage["allocated_rank"]:freed] += storage["memory_bytes"]
+        during[storage["allocated_rank"]:freed + 1] += storage["memory_bytes"]
+        assert storage["allocated_rank"] <= storage["last_use_rank"] <= freed
+        assert storage["resident"] == (data["nodes"][[n["name"] for n in data["nodes"]].index(storage["creator"])]
+                                       ["op"] == "placeholder")
+    for kind, series in data["memory"]["timeline"].items():
+        assert after[kind].tolist() == series, kind
+    assert during.tolist() == [n["simulated_during_bytes"] for n in data["nodes"]]
+    assert during.max() == data["memory"]["peak_bytes"] and during.argmax() == data["memory"]["peak_rank"]
+    # eager's references (the model output kept by the step) hold some storage past its last use
+    assert any(s["freed_rank"] is not None and s["freed_rank"] > s["last_use_rank"] for s in data["storages"])
+
+
+def test_activations_name_the_storage_they_hold_and_its_base(report):
+    data = report.to_dict()
+    storages = {s["id"]: s for s in data["storages"]}
+    rank = {n["name"]: n["rank"] for n in data["nodes"]}
+    owners = {}
+    for act in data["activations"]:
+        storage = storages[act["storage"]]
+        owners.setdefault(act["storage"], []).append(act)
+        if act["base"] is not None:  # a view or in-place result: of an earlier node
+            assert rank[act["base"]] < rank[act["name"]]
+    for storage_id, acts in owners.items():
+        storage = storages[storage_id]
+        counted = [a["memory_bytes"] for a in acts if a["memory_bytes"]]
+        # the bytes of a storage are counted once, on one of its activations, unless it is an input's
+        assert counted == ([] if storage["resident"] else [storage["memory_bytes"]])
+    assert any(len(acts) > 1 for acts in owners.values())  # views of one storage share its id
+
+
+def test_output_bytes_is_what_a_node_newly_allocates(report):
+    data = report.to_dict()
+    nodes = [n for n in data["nodes"] if n["op"] != "placeholder"]
+    assert sum(n["output_bytes"] for n in nodes) == sum(s["memory_bytes"] for s in data["storages"]
+                                                       if not s["resident"])
+    views = [n for n in nodes if n["target"] in ("detach.default", "t.default", "view.default", "expand.default")]
+    assert views and all(n["output_bytes"] == 0 for n in views)
+    assert all(n["output_bytes"] > 0 for n in nodes if n["target"] in ("addmm.default", "mm.default"))
+    names = [n["name"] for n in data["nodes"]]
+    for node in data["nodes"]:  # inputs are earlier nodes
+        assert all(names.index(i) < node["rank"] for i in node["inputs"])
+    assert len(next(n for n in nodes if n["target"] == "addmm.default")["inputs"]) == 3
+
+
+def test_parameters_gradients_and_state_carry_the_parameter_name(report):
+    data = report.to_dict()
+    spec = get_model("bert-tiny")
+    params = {name for name, p in spec.build().named_parameters()}
+    by_kind = {}
+    for node in data["nodes"]:
+        by_kind.setdefault(node["kind"], []).append(node)
+    assert {n["param"] for n in by_kind["PARAM"]} == params
+    assert {n["param"] for n in by_kind["GRAD"]} == params  # every parameter is trained
+    assert {n["param"] for n in by_kind["OPT_STATE"]} == params
+    assert all(n["param"] is None for kind in ("ACT", "INPUT", "OTHER") for n in by_kind.get(kind, []))
+    assert {n["module"] for n in by_kind["OPT_STATE"]} == {"optimizer"}
+    # a parameter's module is the one that owns it
+    assert all(n["module"] == n["param"].rpartition(".")[0] for n in by_kind["PARAM"])
+
+
+def test_modules_add_up_to_the_report(report):
+    data = report.to_dict()
+    modules = data["modules"]
+    assert data["meta"]["module_depth"] == 2
+    assert sum(m["time_ms"] for m in modules) == pytest.approx(data["meta"]["node_time_sum_ms"])
+    assert sum(m["activations"] for m in modules) == len(data["activations"])
+    assert sum(m["activation_bytes_at_peak"] for m in modules) == data["memory"]["breakdown_at_peak"]["ACT"]
+    assert {"loss", "optimizer"} <= {m["module"] for m in modules}
+    assert all(m["module"].count(".") <= 1 for m in modules)
+    deeper = report.modules(depth=4)
+    assert len(deeper) > len(modules)
+    assert sum(m.time_ms for m in deeper) == pytest.approx(data["meta"]["node_time_sum_ms"])
+    # forward and backward time of a module are its nodes' in those regions
+    encoder = next(m for m in modules if m["module"] == "bert.encoder")
+    assert encoder["forward_ms"] == pytest.approx(sum(
+        n["run_time_ms"] for n in data["nodes"]
+        if n["region"] == "forward" and (n["module"] or "").startswith("bert.encoder") and n["op"] != "placeholder"))
+
+
+def test_region_shares_add_up_and_leave_graph_inputs_out(report):
+    rows = report.region_rows()
+    assert sum(r["share"] for r in rows) == pytest.approx(1.0)
+    forward = next(r for r in rows if r["region"] == "forward")
+    data = report.to_dict()
+    assert forward["nodes"] == sum(n["region"] == "forward" and n["op"] != "placeholder" for n in data["nodes"])
+    assert sum(r["nodes"] for r in rows) == len(data["nodes"]) - sum(
+        n["op"] in ("placeholder", "output") for n in data["nodes"])
+
+
+def test_summary_shows_the_inputs_and_the_modules(report, capsys):
+    report.print(top=5, module_depth=1)
+    out = capsys.readouterr().out
+    assert "input args[0]" in out and "int64[2, 32]" in out  # bert-tiny's token ids at batch 2, seq 32
+    assert "modules (depth 1) by time" in out and "bert " in out
+    assert "iteration time (median of per-iteration node sums)" in out
+
+
+def test_a_version_1_report_loads_and_says_what_it_lacks(report, tmp_path, caplog):
+    old = copy.deepcopy(report.to_dict())
+    old["schema"] = "mutwo.report/1"
+    for section in ("storages", "modules"):
+        del old[section]
+    for node in old["nodes"]:
+        for field in ("module", "source", "param", "inputs", "simulated_during_bytes"):
+            del node[field]
+    for act in old["activations"]:
+        for field in ("module", "source", "storage", "base", "recompute_replays_sep"):
+            del act[field]
+    with open(tmp_path / "report.json", "w") as f:
+        json.dump(old, f)
+    loaded = Report.load(str(tmp_path))
+    assert {"storages.id", "nodes.module", "activations.storage"} <= set(loaded.missing_fields)
+    assert "nodes.name" not in loaded.missing_fields
+    assert "lacks" in caplog.text and "nodes.module" in caplog.text
+    assert "top 5 nodes by time" in loaded.format(top=5)  # the tables still print
+    assert validate(old)  # and it is not a valid /2 report
+
+
+@pytest.mark.parametrize("x_axis", ["time", "rank"])
+def test_timeline_x_axis(report, tmp_path, x_axis):
+    path = str(tmp_path / f"{x_axis}.png")
+    plots.memory_timeline(report.to_dict(), path, x_axis=x_axis)
+    assert os.path.getsize(path) > 10_000
+    with pytest.raises(ValueError, match="x_axis"):
+        plots.memory_timeline(report.to_dict(), path, x_axis="seconds")
 
 
 def test_without_matplotlib_everything_else_is_written(report, tmp_path, monkeypatch):
