@@ -64,7 +64,7 @@ def assemble_report(analysis: GraphAnalysis, stats: NodeStatistics, *, device: t
     known = {f: meta[f] for f in ("model", "capture", "capture_method", "warmup") if f in meta}
     record_meta = Meta(
         model=known.get("model"), capture=known["capture"], capture_method=known.get("capture_method"),
-        warmup=known["warmup"], iters=stats.iterations, device=str(device), device_name=_device_name(device),
+        warmup=known["warmup"], iters=stats.iterations, device=str(device), device_name=device_name(device),
         torch_version=str(torch.__version__), timer=timer, iteration_time_ms=stats.iteration_ms,
         node_time_sum_ms=float(sum(r.run_time_ms for r in nodes if is_work(as_dict(r)))), instrumented_wall_ms=stats.wall_ms, swap=swap,
         swap_model=swap_model.to_dict(), module_depth=module_depth, inputs=labels.step_inputs(), notes=notes)
@@ -133,7 +133,8 @@ def target_name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
-def _device_name(device: torch.device) -> str:
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or "cpu"."""
     return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 

@@ -16,11 +16,13 @@ import time
 
 import torch
 
+from .assemble import DEFAULT_MODULE_DEPTH, device_name
 from .errors import MutwoError, StepDoesNotFitError
 from .models import MODELS, get_model, zoo_train_step
 from .plot_processes import PlotProcesses
+from .plots import TIMELINE_X_AXES
 from .progress import PhaseLog
-from .report import Report, format_bytes
+from .report import Report, check_report_dir, format_bytes
 from .timers import TIMERS
 
 log = logging.getLogger("mutwo")
@@ -112,7 +114,14 @@ def _add_run_options(parser: argparse.ArgumentParser, out_default: str) -> None:
                         help="adam and adamw are fused; sgd uses momentum 0.9 (default: adam)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch (default: 0)")
     parser.add_argument("--out", default=out_default, metavar="DIR",
-                        help=f"directory the results are written to (default: {out_default})")
+                        help=f"directory the results are written to, checked writable before anything runs "
+                             f"(default: {out_default})")
+    parser.add_argument("--module-depth", type=_positive_int, default=DEFAULT_MODULE_DEPTH, metavar="D",
+                        help="depth of the per-module totals: 1 gives layer3, 2 layer3.4 "
+                             f"(default: {DEFAULT_MODULE_DEPTH})")
+    parser.add_argument("--timeline-x", choices=TIMELINE_X_AXES, default="time",
+                        help="x axis of memory_timeline.png: the step's time (node medians end to end) or "
+                             "node rank (graph order) (default: time)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
 
@@ -176,7 +185,8 @@ def _profile_train_step(spec, model, optimizer, inputs, targets, args, phases: P
     from .profiler import profile_train_step
 
     return profile_train_step(zoo_train_step(spec), model, optimizer, inputs, targets, warmup=args.warmup,
-                              iters=args.iters, timer=args.timer, swap=args.swap, model_name=spec.name)
+                              iters=args.iters, timer=args.timer, swap=args.swap, model_name=spec.name,
+                              module_depth=args.module_depth)
 
 
 def _compile_warmup(args: argparse.Namespace) -> int:
@@ -189,7 +199,7 @@ def _profile_compiled(spec, model, optimizer, inputs, targets, args, phases: Pha
     from .backend import get_report
 
     options = {"warmup": _compile_warmup(args), "iters": args.iters, "timer": args.timer, "swap": args.swap,
-               "optimizer": optimizer}
+               "optimizer": optimizer, "module_depth": args.module_depth}
     # a fresh dynamo per profile: a sweep compiles one new model per batch
     # size, which would otherwise reach dynamo's recompile limit
     torch._dynamo.reset()
@@ -222,7 +232,8 @@ def profile(args: argparse.Namespace) -> None:
     with PlotProcesses() as plot_processes:  # matplotlib imported beside the profiling
         report = profile_zoo_model(args, batch_size, phases)
         report.print(top=args.top)
-        path = phases.run("saving", report.save, args.out, plot_processes=plot_processes)
+        path = phases.run("saving", report.save, args.out, plot_processes=plot_processes,
+                          timeline_x=args.timeline_x)
     print()
     print(f"report saved to {os.path.abspath(args.out)}: " + ", ".join(sorted(os.listdir(args.out))))
     log.debug("report.json at %s", path)
@@ -275,12 +286,12 @@ def sweep(args: argparse.Namespace) -> None:
                "report_dir": None}
         if not args.no_reports:
             run["report_dir"] = f"batch_{batch_size}"
-            phases.run("saving", report.save, os.path.join(args.out, run["report_dir"]))
+            phases.run("saving", report.save, os.path.join(args.out, run["report_dir"]), timeline_x=args.timeline_x)
         runs.append(run)
         del report, data
         _free_memory(device)
     result = {"schema": SWEEP_SCHEMA,
-              "meta": {"model": spec.name, "device": str(device), "device_name": _device_name(device),
+              "meta": {"model": spec.name, "device": str(device), "device_name": device_name(device),
                        "torch_version": str(torch.__version__), "capture": args.capture, "optimizer": args.optimizer,
                        "seq_len": _seq_len(args, spec),
                        "warmup": args.warmup, "iters": args.iters, "swap": args.swap, "seed": args.seed,
@@ -337,10 +348,6 @@ def _free_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-
-
 # --- entry point ---------------------------------------------------------------------
 
 class _ElapsedFormatter(logging.Formatter):
@@ -360,6 +367,7 @@ def main(argv=None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
+        check_report_dir(args.out)  # before anything runs
         args.device = resolve_device(args.device)
         {"profile": profile, "sweep": sweep}[args.command](args)
     except MutwoError as error:

@@ -289,6 +289,73 @@ def test_get_report_before_a_measurement_says_why_there_is_none(caplog):
     assert "measured after 4 training steps (warmup 1 + iters 3), and this model's has run 1" in caplog.text
 
 
+def test_get_report_warns_once_per_reason(caplog):
+    spec = get_model("mlp")
+    compiled = torch.compile(spec.build(), backend="mutwo_profile", options={"warmup": 1, "iters": 3})
+    inputs, targets = spec.make_batch(4, 0, torch.device("cpu"))
+    spec.loss(compiled(inputs), targets).backward()
+    for _ in range(3):
+        assert mutwo_backend.get_report(compiled) is None
+    assert caplog.text.count("no report yet") == 1
+
+
+def test_an_optimizer_that_is_not_an_optimizer_object_is_named():
+    compiled = torch.compile(nn.Linear(2, 2), backend="mutwo_profile", options={"optimizer": "adam"})
+    with pytest.raises(Exception, match="option optimizer='adam' is a str: it takes the optimizer object"):
+        compiled(torch.randn(1, 2))
+
+
+def test_an_unwritable_report_dir_fails_before_anything_runs(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    model = nn.Linear(2, 2)
+    before = copy.deepcopy(model.state_dict())
+    compiled = torch.compile(model, backend="mutwo_profile", options={"report_dir": str(tmp_path / "file" / "r")})
+    with pytest.raises(Exception, match="cannot write a report to .*file/r"):
+        compiled(torch.randn(1, 2))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_failed_save_leaves_training_going_and_the_report_reachable(tmp_path, monkeypatch, caplog):
+    """Saving runs inside the user's backward: a full disk must not raise there."""
+    from mutwo_backend import report as report_module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(report_module, "write_csv", disk_full)
+    spec = get_model("mlp")
+    model = spec.build()
+    compiled = torch.compile(model, backend="mutwo_profile",
+                             options={"warmup": 1, "iters": 1, "report_dir": str(tmp_path)})
+    inputs, targets = spec.make_batch(4, 0, torch.device("cpu"))
+    train_loop(compiled, spec, inputs, targets, steps=3)
+    assert "No space left on device" in caplog.text
+    report = mutwo_backend.get_report(compiled)
+    assert report is not None and report.to_dict()["meta"]["model"] == type(model).__name__
+
+
+def test_compile_report_names_modules_and_parameters():
+    """The compile capture gives nodes the module of the forward op (for a
+    backward node, the op it differentiates) and parameters their names."""
+    spec = get_model("mlp")
+    model = spec.build()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    compiled = torch.compile(model, backend="mutwo_profile", options={"warmup": 1, "iters": 1,
+                                                                      "optimizer": optimizer})
+    inputs, targets = spec.make_batch(4, 0, torch.device("cpu"))
+    train_loop_with(compiled, optimizer, spec, inputs, targets, steps=2)
+    data = mutwo_backend.get_report(compiled).to_dict()
+    assert data["meta"]["model"] == type(model).__name__
+    params = {n["param"] for n in data["nodes"] if n["kind"] == "PARAM"}
+    assert params == {name for name, _ in model.named_parameters()}
+    linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    for node in data["nodes"]:
+        if node["target"] == "addmm.default":  # a Linear's forward
+            assert node["module"] in linears and node["region"] == "forward"
+        if node["kind"] == "GRAD":  # a parameter's gradient comes from its module's backward
+            assert node["module"] == node["param"].rpartition(".")[0], node
+    assert any(n["module"] in linears and n["region"] == "backward" for n in data["nodes"])
+
+
 def test_unknown_option_lists_valid_ones():
     compiled = torch.compile(nn.Linear(2, 2), backend="mutwo_profile", options={"warmpu": 1})
     with pytest.raises(Exception, match="unknown mutwo_profile option.*'warmpu'.*valid options are warmup, iters"):

@@ -107,6 +107,22 @@ def test_bad_arguments_exit_non_zero_with_argparse_message(argv, message, capsys
     assert "usage: python -m mutwo_backend" in err and message in err
 
 
+@pytest.mark.parametrize("command", [["profile"], ["sweep", "--batch-sizes", "2"]])
+def test_an_unwritable_out_directory_exits_2_before_anything_runs(command, tmp_path, capsys, monkeypatch):
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setattr(cli, "get_model", lambda name: pytest.fail("the model was built"))
+    assert cli.main([*command, "--model", "mlp", "--device", "cpu", "--out", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: cannot write a report to '{tmp_path / 'file' / 'out'}'" in err and "Nothing has run" in err
+
+
+def test_module_depth_and_timeline_axis_reach_the_report(tmp_path, capsys):
+    assert cli.main(["profile", "--model", "mlp", "--device", "cpu", "--iters", "1", "--module-depth", "1",
+                     "--timeline-x", "rank", "--out", str(tmp_path), "--quiet"]) == 0
+    assert "modules (depth 1) by time" in capsys.readouterr().out
+    assert json.loads((tmp_path / "report.json").read_text())["meta"]["module_depth"] == 1
+
+
 def test_cuda_without_a_gpu_is_a_clear_error(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert cli.main(["profile", "--model", "mlp", "--device", "cuda", "--out", str(tmp_path), "--quiet"]) == 2
@@ -132,7 +148,7 @@ def test_help_documents_every_flag():
             assert action.help, f"{name} {action.option_strings} has no help"
         text = subparsers[name].format_help()
         for flag in ["--model", "--seq-len", "--device", "--warmup", "--iters", "--timer", "--swap", "--capture",
-                     "--optimizer", "--out"]:
+                     "--optimizer", "--out", "--module-depth", "--timeline-x"]:
             assert flag in text
     assert "--batch-size " in subparsers["profile"].format_help()
     assert "--batch-sizes" in subparsers["sweep"].format_help()

@@ -266,3 +266,23 @@ def test_graph_without_fake_values_is_refused():
         node.meta.pop("val", None)
     with pytest.raises(AnalysisError, match="meta\\['val'\\]"):
         run_pipeline(gm)
+
+
+@pytest.mark.parametrize("op", [torch.ops.aten.native_batch_norm.default, torch.ops.aten.cudnn_batch_norm.default,
+                                torch.ops.aten.miopen_batch_norm.default])
+def test_batch_norm_in_training_is_a_mutation_on_every_backend(op):
+    """cuDNN's and MIOpen's batch norm update running_mean and running_var
+    as native_batch_norm does, though no schema says so: replaying one would
+    update the statistics twice, so no recompute may run it; in evaluation
+    (training=False) it writes nothing."""
+    from passes.kinds import batch_norm_statistics
+    from passes.recompute import unsafe_reason
+
+    graph = fx.Graph()
+    x, weight, bias, mean, var = (graph.placeholder(name) for name in ("x", "weight", "bias", "mean", "var"))
+    training = graph.call_function(op, (x, weight, bias, mean, var, True, 0.1, 1e-5))
+    evaluation = graph.call_function(op, (x, weight, bias, mean, var, False, 0.1, 1e-5))
+    assert not op._schema.is_mutable  # the schema says nothing of the update
+    assert batch_norm_statistics(training) == (mean, var)
+    assert "mutation" in unsafe_reason([training])
+    assert batch_norm_statistics(evaluation) == () and unsafe_reason([evaluation]) is None

@@ -3,7 +3,9 @@ excluded from medians, derived metrics equal to hand computation from the
 recorded numbers, training unchanged, failures named."""
 
 import copy
+import errno
 import operator
+import os
 import time
 
 import numpy as np
@@ -13,10 +15,13 @@ from torch import nn
 
 import mutwo_backend
 from mutwo_backend import interpreter as interpreter_module
+from mutwo_backend import profiler as profiler_module
+from mutwo_backend import report as report_module
 from mutwo_backend.errors import MutwoError
 from mutwo_backend.interpreter import NodeExecutionError
 from mutwo_backend.models import get_model, zoo_train_step
 from mutwo_backend.profiler import GraphProfiler, profile_train_step
+from mutwo_backend.report import ReportNotSavedError
 from passes import NodeType, Region, run_pipeline
 from mutwo_backend.swap import DEFAULT_CPU_MODEL, CopyCost, _fit
 
@@ -223,6 +228,105 @@ def test_swap_model_grows_with_size_and_fit_recovers_known_costs():
     assert fitted.bytes_per_ms == pytest.approx(50e6, rel=1e-6)
     times = [DEFAULT_CPU_MODEL.swap_out_ms(s) for s in sizes]
     assert all(np.diff(times) > 0)
+
+
+def assert_unchanged(model, optimizer, model_state, optimizer_state, state_count):
+    assert len(optimizer.state) == state_count
+    assert all(torch.equal(model_state[k], v) for k, v in model.state_dict().items())
+    after = optimizer.state_dict()
+    assert after["param_groups"] == optimizer_state["param_groups"]
+    assert after["state"].keys() == optimizer_state["state"].keys()
+    for index, state in optimizer_state["state"].items():
+        assert all(torch.equal(value, after["state"][index][key]) for key, value in state.items())
+
+
+def no_sep_step(model, optimizer, x, y):
+    nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+
+
+def fails_after_the_capture(monkeypatch):
+    """The passes fail: the capture has created the optimizer's state by then."""
+    def failing_pipeline(*args, **kwargs):
+        raise MutwoError("injected failure in the passes")
+    monkeypatch.setattr(profiler_module, "run_pipeline", failing_pipeline)
+
+
+BAD_CALLS = {  # what a user can get wrong, each documented
+    "swap mode": ({"swap": "bogus"}, "unknown swap mode 'bogus'"),
+    "GPU timer on the CPU": ({"timer": "cuda-events"}, "times CUDA kernels, but the step runs on cpu"),
+    "unknown timer": ({"timer": "sundial"}, "unknown timer 'sundial'"),
+    "iters": ({"iters": 0}, "need iters >= 1"),
+    "warmup": ({"warmup": -1}, "warmup >= 0"),
+    "report_dir under a file": ({"report_dir": "FILE/report"}, "cannot write a report to"),
+    "no separator": ({"step": no_sep_step}, "never called mutwo_backend.sep"),
+    "failure after the capture": ({"patch": fails_after_the_capture}, "injected failure in the passes"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CALLS, ids=list(BAD_CALLS))
+@pytest.mark.parametrize("trained", [False, True], ids=["fresh optimizer", "optimizer with state"])
+def test_a_failed_call_changes_nothing(case, trained, tmp_path, monkeypatch):
+    """Every bad input leaves the model and the optimizer exactly as they
+    were, the count of optimizer states included: checked before anything
+    runs, or undone when the failure comes after the capture made state."""
+    kwargs, message = dict(BAD_CALLS[case][0]), BAD_CALLS[case][1]
+    model, optimizer, x, y = mlp_case()
+    if trained:
+        mlp_step(model, optimizer, x, y)
+    (tmp_path / "FILE").write_text("a file, not a directory")
+    if "report_dir" in kwargs:
+        kwargs["report_dir"] = str(tmp_path / kwargs["report_dir"])
+    kwargs.pop("patch", lambda _: None)(monkeypatch)
+    step = kwargs.pop("step", mlp_step)
+    model_state = copy.deepcopy(model.state_dict())
+    optimizer_state, count = copy.deepcopy(optimizer.state_dict()), len(optimizer.state)
+    with pytest.raises(MutwoError, match=message):
+        profile_train_step(step, model, optimizer, x, y, **kwargs)
+    assert_unchanged(model, optimizer, model_state, optimizer_state, count)
+
+
+def test_a_report_that_cannot_be_saved_is_not_lost(tmp_path, monkeypatch):
+    """A disk that fills up after the profiling: the error holds the report."""
+    model, optimizer, x, y = mlp_case()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(report_module, "write_csv", disk_full)
+    with pytest.raises(ReportNotSavedError, match="No space left on device.*not lost") as caught:
+        profile_train_step(mlp_step, model, optimizer, x, y, iters=1, report_dir=str(tmp_path))
+    assert caught.value.report.to_dict()["meta"]["iters"] == 1
+    monkeypatch.undo()
+    caught.value.report.save(str(tmp_path / "elsewhere"))
+    assert os.path.exists(tmp_path / "elsewhere" / "nodes.csv")
+
+
+def test_graph_profiler_in_the_course_loop(capsys):
+    """The μ-TWO course's starter loop: warm-up runs, reset_stats(), measured
+    runs, aggregate_stats(), print_stats(). Node times are of the measured
+    runs only, and the model trains as eagerly."""
+    model, optimizer, x, y = mlp_case()
+    twin, twin_optimizer, _, _ = mlp_case()
+    step = mutwo_backend.capture_train_step(mlp_step, model, optimizer, x, y)
+    profiler = GraphProfiler(step.gm, run_pipeline(step.gm, step.hints), torch.device("cpu"),
+                             freed_after=step.freed_after)
+    for _ in range(2):
+        step.run(x, y, executor=profiler.run)
+    assert len(profiler.stats.records) == 2
+    profiler.reset_stats()
+    assert not profiler.stats.records
+    for _ in range(3):
+        step.run(x, y, executor=profiler.run)
+    stats = profiler.aggregate_stats()
+    assert stats.iterations == 3 and stats.run_time_ms.shape == (len(step.gm.graph.nodes),)
+    assert stats.iteration_ms > 0
+    profiler.print_stats()
+    out = capsys.readouterr().out
+    assert "3 measured iterations" in out and "median ms" in out
+    for _ in range(5):
+        mlp_step(twin, twin_optimizer, x, y)
+    for (name, a), b in zip(model.state_dict().items(), twin.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
 def test_unknown_swap_or_timer_is_a_clear_error():

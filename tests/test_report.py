@@ -377,3 +377,14 @@ def test_compile_report_with_graph_break_saves_one_trace_process_per_graph(tmp_p
     processes = {e["pid"] for e in events if e["ph"] == "X"}
     assert processes == {1, 2}
     assert len([e for e in events if e["ph"] == "X" and e["tid"] == 1]) == len(report.to_dict()["nodes"])
+
+
+def test_recompute_lists_through_the_separator_say_so(report):
+    """A loss-region activation (log_softmax's output) recomputes from the
+    model output through separator.sep; its replay is a plain view."""
+    data = report.to_dict()
+    seps = {n["name"] for n in data["nodes"] if n["target"] == "sep.default"}
+    assert len(seps) == 1
+    flagged = [a for a in data["activations"] if a["recompute_replays_sep"]]
+    assert flagged and all(a["module"] == "loss" for a in flagged)
+    assert all(a["recompute_replays_sep"] == bool(seps & set(a["recompute_nodes"])) for a in data["activations"])
