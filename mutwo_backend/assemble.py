@@ -12,8 +12,9 @@ from passes import GraphAnalysis, GraphHints, NodeType, Region
 from passes.memory import rounded
 
 from .metrics import activation_records
-from .records import SCHEMA, MemoryRecord, as_dict, Meta, NodeRecord, ReportRecords, StorageRecord
-from .report import Report, is_work, module_records
+from .records import (SCHEMA, WORKLESS_OPS, MemoryRecord, Meta, NodeRecord, ReportRecords, StorageRecord,
+                      as_dict)
+from .report import Report, module_records
 from .statistics import NodeStatistics
 from .swap import SwapModel
 
@@ -51,9 +52,10 @@ def assemble_report(analysis: GraphAnalysis, stats: NodeStatistics, *, device: t
             simulated_live_bytes=int(memory.live_bytes[rank]),
             simulated_during_bytes=int(memory.peak_during_bytes[rank])))
     storages = [StorageRecord(
-        id=storage_ids[key], memory_bytes=rounded(analysis.storages.nbytes[key], memory.allocator_rounding), kind=memory.storage_kind[key].value, creator=creator.name,
-        resident=creator.op == "placeholder", allocated_rank=memory.allocated_rank[key],
-        freed_rank=memory.freed_rank[key], last_use_rank=memory.last_use_rank[key])
+        id=storage_ids[key], memory_bytes=rounded(analysis.storages.nbytes[key], memory.allocator_rounding),
+        kind=memory.storage_kind[key].value, creator=creator.name, resident=creator.op == "placeholder",
+        allocated_rank=memory.allocated_rank[key], freed_rank=memory.freed_rank[key],
+        last_use_rank=memory.last_use_rank[key])
         for key, creator in analysis.storages.creator.items()]
     graph_peak = int(stats.peak_bytes.max()) if measured else None
     outside = {where: int(b) for where, b in stats.outside_peak_bytes.items()}
@@ -66,10 +68,11 @@ def assemble_report(analysis: GraphAnalysis, stats: NodeStatistics, *, device: t
         model=known.get("model"), capture=known["capture"], capture_method=known.get("capture_method"),
         warmup=known["warmup"], iters=stats.iterations, device=str(device), device_name=device_name(device),
         torch_version=str(torch.__version__), timer=timer, iteration_time_ms=stats.iteration_ms,
-        node_time_sum_ms=float(sum(r.run_time_ms for r in nodes if is_work(as_dict(r)))), instrumented_wall_ms=stats.wall_ms, swap=swap,
-        swap_model=swap_model.to_dict(), module_depth=module_depth, inputs=labels.step_inputs(), notes=notes)
+        node_time_sum_ms=float(sum(r.run_time_ms for r in nodes if r.op not in WORKLESS_OPS)),
+        instrumented_wall_ms=stats.wall_ms, swap=swap, swap_model=swap_model.to_dict(), module_depth=module_depth,
+        inputs=labels.step_inputs(), notes=notes)
     extra = {k: v for k, v in meta.items() if k not in known and k != "notes"}
-    records = ReportRecords(record_meta, nodes, activations, storages, [], MemoryRecord(
+    records = ReportRecords(record_meta, nodes, activations, storages, MemoryRecord(
         peak_bytes=int(memory.peak_bytes), peak_rank=int(memory.peak_rank),
         breakdown_at_peak={k.value: int(v) for k, v in memory.breakdown_at_peak.items()},
         timeline={kind.value: [int(b) for b in memory.timeline_of(kind)] for kind in memory.kinds},

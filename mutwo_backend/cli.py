@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from passes import NodeType
+
 from .assemble import DEFAULT_MODULE_DEPTH, device_name
 from .errors import MutwoError, StepDoesNotFitError
 from .models import MODELS, get_model, zoo_train_step
@@ -331,7 +333,7 @@ def format_sweep(result: dict) -> str:
             rows.append((run["batch_size"], "ok", f"{run['iteration_time_ms']:.2f}",
                          f"{run['batch_size'] / run['iteration_time_ms'] * 1000:.1f}" if run["iteration_time_ms"] else "-",
                          format_bytes(run["peak_bytes"]), format_bytes(run["measured_peak_bytes"]),
-                         format_bytes(run["breakdown_at_peak"].get("ACT", 0))))
+                         format_bytes(run["breakdown_at_peak"].get(NodeType.ACT.value, 0))))
         else:
             rows.append((run["batch_size"], "out of memory", "-", "-", "-", "-", "-"))
     rows += [(size, "not run (after out of memory)", "-", "-", "-", "-", "-") for size in result["meta"]["not_run"]]

@@ -5,12 +5,17 @@ be."""
 
 import importlib.util
 
+from passes.enums import NodeType, Region
+
 from .report import KINDS, _ordered, format_bytes, memory_graph
 
 # One colour per kind, the same in every plot.
-KIND_COLORS = {"PARAM": "#4c72b0", "BUFFER": "#8172b3", "OPT_STATE": "#937860", "GRAD": "#dd8452",
-               "ACT": "#c44e52", "INPUT": "#55a868", "OTHER": "#8c8c8c"}
-REGION_COLORS = {"forward": "#e8f0fb", "loss": "#fdf2e3", "backward": "#fbe9e9", "optimizer": "#eaf5ec"}
+KIND_COLORS = {k.value: colour for k, colour in (
+    (NodeType.PARAM, "#4c72b0"), (NodeType.BUFFER, "#8172b3"), (NodeType.OPT_STATE, "#937860"),
+    (NodeType.GRAD, "#dd8452"), (NodeType.ACT, "#c44e52"), (NodeType.INPUT, "#55a868"), (NodeType.OTHER, "#8c8c8c"))}
+REGION_COLORS = {r.value: colour for r, colour in (
+    (Region.FORWARD, "#e8f0fb"), (Region.LOSS, "#fdf2e3"), (Region.BACKWARD, "#fbe9e9"),
+    (Region.OPTIMIZER, "#eaf5ec"))}
 
 
 def available() -> bool:

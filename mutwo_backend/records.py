@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 SCHEMA = "mutwo.report/2"
 SCHEMA_V1 = "mutwo.report/1"
+WORKLESS_OPS = ("placeholder", "output")  # graph inputs and the output node: no work, whatever their time
 
 
 @dataclass(frozen=True)
@@ -161,13 +162,13 @@ class MemoryRecord:
 
 @dataclass(frozen=True)
 class ReportRecords:
-    """A whole report of one graph."""
+    """A whole report of one graph, but its ``modules`` section, which is
+    derived from these records (report.module_records)."""
 
     meta: Meta
     nodes: list[NodeRecord]
     activations: list[ActivationRecord]
     storages: list[StorageRecord]
-    modules: list[ModuleRecord]
     memory: MemoryRecord
     extra_meta: dict = field(default_factory=dict)
 
@@ -177,7 +178,6 @@ class ReportRecords:
                 "nodes": [as_dict(n) for n in self.nodes],
                 "activations": [as_dict(a) for a in self.activations],
                 "storages": [as_dict(s) for s in self.storages],
-                "modules": [as_dict(m) for m in self.modules],
                 "memory": as_dict(self.memory)}
 
 

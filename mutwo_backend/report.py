@@ -20,7 +20,7 @@ from tabulate import tabulate
 from passes.enums import NodeType, Region
 from passes.errors import MutwoError
 
-from .records import LIST_SECTIONS, SCHEMA, SCHEMA_FIELDS, SCHEMA_V1, ModuleRecord
+from .records import LIST_SECTIONS, SCHEMA, SCHEMA_FIELDS, SCHEMA_V1, WORKLESS_OPS, ModuleRecord
 
 # kinds in the order plots stack them: what lives all step at the bottom
 KINDS = tuple(k.value for k in (NodeType.PARAM, NodeType.BUFFER, NodeType.OPT_STATE, NodeType.GRAD,
@@ -105,9 +105,9 @@ class ReportNotSavedError(MutwoError):
 
 
 def is_work(node: dict) -> bool:
-    """Whether a node record is an op: graph inputs (placeholders) and the
-    output node do no work, whatever time an interpreter took to pass them."""
-    return node["op"] not in ("placeholder", "output")
+    """Whether a node record is an op (graph inputs and the output do no
+    work, whatever time an interpreter took to pass them)."""
+    return node["op"] not in WORKLESS_OPS
 
 
 def module_path_at_depth(module: str | None, depth: int) -> str:
