@@ -53,13 +53,17 @@ def validate(data: dict) -> list[str]:
 
 
 def missing_fields(data: dict) -> list[str]:
-    """``section.field`` for every schema field that some record lacks (a
-    report of an older schema)."""
+    """The sections a report lacks, and ``section.field`` for every field of
+    the schema that some record of a present section lacks (a report of an
+    older schema)."""
     missing = []
     for section, fields in SCHEMA_FIELDS.items():
         value = data.get(section)
-        records = value if isinstance(value, list) else [value or {}]
-        missing += [f"{section}.{name}" for name in fields if any(name not in r for r in records) or value is None]
+        if value is None:
+            missing.append(section)
+            continue
+        records = value if isinstance(value, list) else [value]
+        missing += [f"{section}.{name}" for name in fields if any(name not in r for r in records)]
     return missing
 
 

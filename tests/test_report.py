@@ -319,7 +319,7 @@ def test_a_version_1_report_loads_and_says_what_it_lacks(report, tmp_path, caplo
     with open(tmp_path / "report.json", "w") as f:
         json.dump(old, f)
     loaded = Report.load(str(tmp_path))
-    assert {"storages.id", "nodes.module", "activations.storage"} <= set(loaded.missing_fields)
+    assert {"storages", "modules", "nodes.module", "activations.storage"} <= set(loaded.missing_fields)
     assert "nodes.name" not in loaded.missing_fields
     assert "lacks" in caplog.text and "nodes.module" in caplog.text
     assert "top 5 nodes by time" in loaded.format(top=5)  # the tables still print
@@ -388,3 +388,12 @@ def test_recompute_lists_through_the_separator_say_so(report):
     flagged = [a for a in data["activations"] if a["recompute_replays_sep"]]
     assert flagged and all(a["module"] == "loss" for a in flagged)
     assert all(a["recompute_replays_sep"] == bool(seps & set(a["recompute_nodes"])) for a in data["activations"])
+
+
+def test_the_committed_version_1_h200_report_loads(caplog):
+    """BERT-base's H200 report, written by an older mutwo in schema /1."""
+    loaded = Report.load(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "h200_bert_bs16"))
+    assert loaded.data["schema"] == "mutwo.report/1"
+    assert {"storages", "modules", "nodes.module", "nodes.inputs", "activations.base"} <= set(loaded.missing_fields)
+    text = loaded.format(top=3)
+    assert "NVIDIA H200" in text and "top 3 nodes by time" in text
