@@ -142,9 +142,10 @@ def memory_timeline(data: dict, path: str, x_axis: str = "time") -> None:
     peak_rank, peak = memory["peak_rank"], memory["peak_bytes"]
     peak_x = middles[peak_rank] if peak_rank < length else 0
     ax.plot([peak_x], [peak / scale], marker="v", color="black", markersize=7, zorder=5, linestyle="none")
+    on_the_right = length and peak_x > starts[0] + 0.6 * (ends[-1] - starts[0])  # label to the left of it
     ax.annotate(f"simulated peak {format_bytes(peak)}\n{_while_runs(nodes, peak_rank, starts, x_axis)}",
-                xy=(peak_x, peak / scale), xytext=(8, 2), textcoords="offset points", fontsize=9, va="bottom",
-                zorder=5)
+                xy=(peak_x, peak / scale), xytext=(-8 if on_the_right else 8, 2), textcoords="offset points",
+                fontsize=9, va="bottom", ha="right" if on_the_right else "left", zorder=5)
     top = max(totals + during + (measured or []) + [peak, 1])
     ax.set_xlim(starts[0] if length else 0, max(ends[-1] if length else 0, 1e-9))
     ax.set_ylim(0, top / scale * 1.15)
