@@ -26,18 +26,19 @@ import torch.utils._pytree as pytree
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
-from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from passes.hints import GraphHints
 
 from . import separator  # noqa: F401  (defines torch.ops.separator)
+from .attribution import MODULE_KEY, OpAttribution, annotate, annotate_last, attribution_of
 from .device_memory import free_bytes
 from .errors import CaptureError
 from .lifetimes import EagerLifetimes
-from .optimizers import (CAPTURE_DECOMPOSITIONS, EagerOptimizer, check_supported, functionalize_fused_steps,
-                         hyperparameters, init_state, remove_state)
+from .optimizers import (CAPTURE_DECOMPOSITIONS, FUNCTIONAL_FUSED, EagerOptimizer, check_supported,
+                         functionalize_fused_steps, hyperparameters, init_state, remove_state)
 from .recording import StepRecorder, written_tensors
 
 logger = logging.getLogger(__name__)
@@ -194,19 +195,20 @@ def _capture(train_step, model, optimizer, params, buffers, example_args, record
     states = {n: {k: optimizer.state[params[n]][k] for k in keys} for n, keys in state_keys.items()}
     inputs = (params, buffers, states, example_args)
 
-    def step_on(watch, modes, p_in, b_in, s_in, args):
+    def step_on(watch, attribution, modes, p_in, b_in, s_in, args):
         """The user's step with the model and optimizer pointed at the given
-        tensors, under ``modes`` (dispatch modes, entered in order)."""
+        tensors, under ``modes`` (dispatch modes, entered in order), with
+        ``attribution`` following the model's modules."""
         with _reparametrize_module(model, {**p_in, **b_in}, tie_weights=True), \
                 _optimizer_on(optimizer, name_of, p_in, s_in), _fake_tensors_pass_foreach_checks(), \
-                _grad_scaler_refused(), watch, contextlib.ExitStack() as stack:
+                _grad_scaler_refused(), watch, attribution.tracking(), contextlib.ExitStack() as stack:
             for mode in modes:
                 stack.enter_context(mode)
             out = train_step(model, optimizer, *args)
             grads = [p.grad for p in p_in.values()]
         return out, grads
 
-    captured = _record(step_on, optimizer, inputs) if record else None
+    captured = _record(step_on, optimizer, model, inputs) if record else None
     method = "recorded" if captured is not None else "traced"
     if captured is None:
         captured = _trace(step_on, optimizer, model, inputs)
@@ -230,9 +232,11 @@ def _trace(step_on, optimizer, model, inputs) -> tuple[fx.GraphModule, "_StepWat
     """make_fx on fake tensors; the graph, its step watch and EagerLifetimes' answer."""
     watch = _StepWatch(optimizer)
     lifetimes = EagerLifetimes()
+    attribution = OpAttribution(model)
 
     def traced_step(p_in, b_in, s_in, args):  # (make_fx names the graph's inputs after these)
-        return step_on(watch, (lifetimes, _WritesToConstantsRefused()), p_in, b_in, s_in, args)
+        modes = (_TracedOps(lifetimes, attribution), _WritesToConstantsRefused())
+        return step_on(watch, attribution, modes, p_in, b_in, s_in, args)
 
     try:
         # Tensors that are neither inputs nor made by the step (a plain tensor
@@ -247,12 +251,12 @@ def _trace(step_on, optimizer, model, inputs) -> tuple[fx.GraphModule, "_StepWat
         raise CaptureError(
             f"tracing train_step failed: {type(error).__name__}: {error}\n" + _why_tracing_failed(model)
         ) from error
-    functionalize_fused_steps(traced.graph)
+    _functionalize_fused_steps(traced.graph)
     gm = _lazy_graph_module(traced, traced.graph)
     return gm, watch, lifetimes.freed_after(gm.graph.output_node())
 
 
-def _record(step_on, optimizer, inputs) -> tuple[fx.GraphModule, "_StepWatch", dict[str, str]] | None:
+def _record(step_on, optimizer, model, inputs) -> tuple[fx.GraphModule, "_StepWatch", dict[str, str]] | None:
     """The step recorded on copies of ``inputs`` (recording.py), or None
     where it cannot be: then the caller traces it."""
     device = next((t.device for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor)), None)
@@ -262,13 +266,14 @@ def _record(step_on, optimizer, inputs) -> tuple[fx.GraphModule, "_StepWatch", d
                     "with fake tensors", f"{copies_bytes:,}")
         return None
     watch = _StepWatch(optimizer)
-    recorder = StepRecorder(CAPTURE_DECOMPOSITIONS)
+    attribution = OpAttribution(model)
+    recorder = StepRecorder(CAPTURE_DECOMPOSITIONS, attribution)
     try:
         copies = _copies(inputs)
         recorder.add_inputs(["p_in", "b_in", "s_in", "args"], copies)
         cuda_devices = [device] if device is not None and device.type == "cuda" else []
         with torch.random.fork_rng(devices=cuda_devices):
-            graph = recorder.finish(step_on(watch, (recorder,), *copies))
+            graph = recorder.finish(step_on(watch, attribution, (recorder,), *copies))
         del copies
     except CaptureError:
         raise
@@ -276,9 +281,24 @@ def _record(step_on, optimizer, inputs) -> tuple[fx.GraphModule, "_StepWatch", d
         logger.info("capture: could not record the step (%s: %s); tracing with fake tensors",
                     type(error).__name__, error)
         return None
-    functionalize_fused_steps(graph)
+    _functionalize_fused_steps(graph)
     gm = _lazy_graph_module(recorder.root, graph)
     return gm, watch, recorder.freed_after(graph.output_node())
+
+
+def _functionalize_fused_steps(graph: fx.Graph) -> None:
+    """optimizers.functionalize_fused_steps, whose new nodes take the
+    attribution of the fused step they replace: the rewrite puts each
+    step's nodes in its place, starting with the functional twin."""
+    replaced = iter([attribution_of(n) for n in graph.nodes if n.target in FUNCTIONAL_FUSED])
+    functionalize_fused_steps(graph)
+    twins = set(FUNCTIONAL_FUSED.values())
+    where = None
+    for node in graph.nodes:
+        if node.op == "call_function" and MODULE_KEY not in node.meta:
+            if node.target in twins:
+                where = next(replaced)
+            annotate(node, where)
 
 
 def _lazy_graph_module(root, graph: fx.Graph) -> fx.GraphModule:
@@ -403,6 +423,30 @@ def _traceable_optimizer_step():
         yield
     finally:
         torch.compiler._is_compiling_flag, adam_module._get_value = compiling, get_value
+
+
+class _TracedOps(TorchDispatchMode):
+    """Inside make_fx, around the user's step, what the recorder does for
+    each op of a recorded step: note its results' lifetimes and attribute
+    its nodes to a module and a line. (One mode for both: each mode is a
+    Python call per op.)"""
+
+    def __init__(self, lifetimes: EagerLifetimes, attribution: OpAttribution):
+        super().__init__()
+        self.lifetimes = lifetimes
+        self.attribution = attribution
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        where = self.attribution.current()
+        mode = get_proxy_mode()
+        if mode is None:  # (outside make_fx's tracing: no nodes)
+            return func(*args, **(kwargs or {}))
+        tracer = mode.tracer
+        count = len(tracer.graph.nodes)
+        out = func(*args, **(kwargs or {}))
+        annotate_last(tracer.graph, len(tracer.graph.nodes) - count, where)
+        self.lifetimes.watch_outputs(out, tracer)
+        return out
 
 
 class _WritesToConstantsRefused(TorchDispatchMode):

@@ -5,10 +5,10 @@ its last reference goes. The two differ where the user's code holds a
 reference: ``out = model(x)`` keeps the model output alive through backward
 and the optimizer step, ``.grad`` keeps a gradient until ``zero_grad``. The
 capture runs the user's real Python code, so those references are real
-while it runs: ``EagerLifetimes`` (for make_fx on fake tensors; the
-recorder of recording.py does the same for a recorded step) watches every
-tensor an op returns and, when Python collects it, notes the last node
-traced so far. The memory pass and the profiling interpreter then free each
+while it runs: ``EagerLifetimes`` (told each op's results while make_fx
+traces on fake tensors; the recorder of recording.py does the same for a
+recorded step) watches every tensor an op returns and, when Python
+collects it, notes the last node traced so far. The memory pass and the profiling interpreter then free each
 value where eager would (never before the graph's last read of it).
 """
 
@@ -16,8 +16,7 @@ import weakref
 
 import torch.utils._pytree as pytree
 from torch import Tensor, fx
-from torch.fx.experimental.proxy_tensor import get_proxy_mode, get_proxy_slot
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.fx.experimental.proxy_tensor import get_proxy_slot
 
 
 class LastReferences:
@@ -46,26 +45,22 @@ class LastReferences:
         return {node.name: self._died.get(node, last).name for node in self._watched}
 
 
-class EagerLifetimes(TorchDispatchMode):
-    """Enter inside make_fx, around the user's code. Afterwards
+class EagerLifetimes:
+    """For make_fx: a dispatch mode inside it, around the user's code, calls
+    ``watch_outputs`` with each op's results. Afterwards
     ``freed_after(output_node)`` maps each watched node's name to the name of
     the node after which eager dropped its last reference."""
 
     def __init__(self):
-        super().__init__()
         self.references = LastReferences()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        mode = get_proxy_mode()
-        if mode is None:
-            return out
+    def watch_outputs(self, out, tracer) -> None:
+        """Watch the tensors among ``out`` (an op's results) that ``tracer`` (make_fx's) holds nodes for."""
         for value in pytree.tree_leaves(out):
             if isinstance(value, Tensor):
-                traced = get_proxy_slot(value, mode.tracer, None)
+                traced = get_proxy_slot(value, tracer, None)
                 if traced is not None:
                     self.references.watch(value, traced.proxy.node)
-        return out
 
     def freed_after(self, last: fx.Node) -> dict[str, str]:
         return self.references.freed_after(last)

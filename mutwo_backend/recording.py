@@ -26,6 +26,7 @@ from torch.utils.weak import WeakTensorKeyDictionary
 
 from passes.storage import tensors_in
 
+from .attribution import OpAttribution, annotate, attribution_of
 from .lifetimes import LastReferences
 
 aten = torch.ops.aten
@@ -42,11 +43,15 @@ class StepRecorder(TorchDispatchMode):
     """Enter around the step, after ``add_inputs``; then ``finish(outputs)``
     returns the graph, whose constants ``root`` holds, and
     ``freed_after(...)`` when eager dropped each value. ``decompositions``
-    is the capture's make_fx decomposition table, applied the same way."""
+    is the capture's make_fx decomposition table, applied the same way;
+    ``attribution`` names each node's module and source line (a
+    decomposed op's nodes take the op's)."""
 
-    def __init__(self, decompositions: dict):
+    def __init__(self, decompositions: dict, attribution: OpAttribution):
         super().__init__()
         self.decompositions = decompositions
+        self.attribution = attribution
+        self._decomposed = None  # the attribution of the op being decomposed
         self.root = nn.Module()  # holds the graph's constants
         self.graph = fx.Graph()
         self._node_of = WeakTensorKeyDictionary()  # real tensor -> the node whose value it is
@@ -82,14 +87,17 @@ class StepRecorder(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        where = self._decomposed if self._in_decomposition else self.attribution.current()
         decomposition = self.decompositions.get(func)
         if decomposition is not None:
             self._in_decomposition += 1
+            outer, self._decomposed = self._decomposed, where
             try:
                 with self:
                     out = decomposition(*args, **kwargs)
             finally:
                 self._in_decomposition -= 1
+                self._decomposed = outer
             if out is not NotImplemented:
                 self._watch_outputs(out)
                 return out
@@ -105,6 +113,7 @@ class StepRecorder(TorchDispatchMode):
             name = self._names[func] = self.graph._target_to_str(func.overloadpacket.__name__)
         node = self.graph.create_node("call_function", func, self._to_nodes(args), self._to_nodes(kwargs),
                                       name=name)
+        annotate(node, where)
         # (read before the op runs: set_ gives a tensor another storage)
         input_storages = {x.untyped_storage()._cdata: self._value_of(x).untyped_storage() for x in flat_inputs}
         out = func(*args, **kwargs)
@@ -173,8 +182,7 @@ class StepRecorder(TorchDispatchMode):
             node.meta["val"] = _meta_on(storage, out)
             self._node_of[out] = node
         elif isinstance(out, (tuple, list)):
-            values = [self._track(item, self.graph.create_node("call_function", operator.getitem, (node, index),
-                                                               name="getitem"), input_storages, fresh)
+            values = [self._track(item, self._getitem(node, index), input_storages, fresh)
                       for index, item in enumerate(out)]
             node.meta["val"] = values if isinstance(out, list) else tuple(values)
         elif isinstance(out, torch.ScriptObject):  # a profiler range's handle
@@ -183,6 +191,12 @@ class StepRecorder(TorchDispatchMode):
         elif out is not None and not isinstance(out, (int, float, bool)):
             raise NotRecordable(f"{node.target} returned a {type(out).__name__}")
         return node.meta.get("val")
+
+    def _getitem(self, node: fx.Node, index: int) -> fx.Node:
+        """A getitem node of ``node``'s result, attributed as ``node``."""
+        item = self.graph.create_node("call_function", operator.getitem, (node, index), name="getitem")
+        annotate(item, attribution_of(node))
+        return item
 
     def _watch_outputs(self, out) -> None:
         """Note when Python drops each tensor the op returned (not inside a
