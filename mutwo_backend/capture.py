@@ -12,6 +12,7 @@ ops), so running it is a real training iteration.
 """
 
 import contextlib
+import linecache
 import logging
 from collections import Counter, defaultdict
 from dataclasses import dataclass
@@ -24,16 +25,18 @@ import torch.optim.optimizer as optimizer_module
 import torch.utils._foreach_utils as foreach_utils
 import torch.utils._pytree as pytree
 from torch import fx, nn
-from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException, FakeTensor
 from torch.fx._lazy_graph_module import _make_graph_module, _use_lazy_graph_module
 from torch.fx.experimental.proxy_tensor import get_proxy_mode, make_fx
+from torch.fx.experimental.symbolic_shapes import GuardOnDataDependentSymNode
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from passes.hints import GraphHints
 
 from . import separator  # noqa: F401  (defines torch.ops.separator)
-from .attribution import MODULE_KEY, OpAttribution, annotate, annotate_last, attribution_of
+from .attribution import (MODULE_KEY, OpAttribution, annotate, annotate_last, attribution_of,
+                          innermost_user_frame)
 from .device_memory import free_bytes
 from .errors import CaptureError
 from .lifetimes import EagerLifetimes
@@ -44,6 +47,8 @@ from .recording import StepRecorder, written_tensors
 logger = logging.getLogger(__name__)
 SEP = torch.ops.separator.sep.default
 SEP_BACKWARD = torch.ops.separator.sep_backward.default
+# what make_fx raises where the step reads tensor values
+_DATA_DEPENDENT_ERRORS = (GuardOnDataDependentSymNode, DataDependentOutputException, DynamicOutputShapeException)
 OPTIMIZER_UPDATE_OPS = frozenset({
     torch.ops.aten._fused_adam.default, torch.ops.aten._fused_adam.tensor_lr,
     torch.ops.aten._fused_adamw.default, torch.ops.aten._fused_adamw.tensor_lr,
@@ -248,9 +253,9 @@ def _trace(step_on, optimizer, model, inputs) -> tuple[fx.GraphModule, "_StepWat
     except CaptureError:
         raise
     except Exception as error:
-        raise CaptureError(
-            f"tracing train_step failed: {type(error).__name__}: {error}\n" + _why_tracing_failed(model)
-        ) from error
+        read = _data_dependent_read(error)
+        failed = f"tracing train_step failed: {type(error).__name__}: {error}"
+        raise CaptureError(f"{read}\n{failed}" if read else f"{failed}\n{_why_tracing_failed(model)}") from error
     _functionalize_fused_steps(traced.graph)
     gm = _lazy_graph_module(traced, traced.graph)
     return gm, watch, lifetimes.freed_after(gm.graph.output_node())
@@ -526,6 +531,30 @@ def _optimizer_on(optimizer, name_of, traced_params, traced_states):
         for group, group_params in zip(optimizer.param_groups, saved_params):
             group["params"] = group_params
         optimizer.state = saved_state
+
+
+def _data_dependent_read(error: BaseException) -> str | None:
+    """Where an error of make_fx's is the step reading a tensor's value
+    (.item(), .tolist(), bool(tensor), if on a tensor, a boolean mask): the
+    user's line that does it, first, and what to do; else None."""
+    chain, cause = [], error
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    found = next((e for e in chain if isinstance(e, _DATA_DEPENDENT_ERRORS)
+                  or "data-dependent" in str(e) or "data dependent" in str(e)), None)
+    if found is None:
+        return None
+    frame = innermost_user_frame(found.__traceback__) or innermost_user_frame(error.__traceback__)
+    read = "train_step reads a tensor's value"
+    if frame is not None:
+        filename, line = frame
+        read = f"{filename}:{line} reads a tensor's value: `{linecache.getline(filename, line).strip()}`"
+    return (f"{read}\nThe capture runs train_step on fake tensors, which hold no values, so train_step "
+            "must not read tensor values (.item(), .tolist(), bool(tensor), if on a tensor, a boolean "
+            "mask). Move the read out of train_step (onto what it returns), or compute it with tensor "
+            "ops (torch.where instead of an if); or profile through torch.compile(model, "
+            "backend='mutwo_profile'), which graph-breaks there.")
 
 
 def _why_tracing_failed(model: nn.Module) -> str:

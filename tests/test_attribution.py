@@ -15,7 +15,7 @@ from torch.nn.modules import module as module_hooks
 from torch.utils.checkpoint import checkpoint
 
 import mutwo_backend
-from mutwo_backend import capture_train_step
+from mutwo_backend import CaptureError, capture_train_step
 from mutwo_backend.attribution import MODULE_KEY, SOURCE_KEY, dynamo_attribution, dynamo_input_names, dynamo_model_name
 
 aten = torch.ops.aten
@@ -315,3 +315,24 @@ def test_dynamo_attribution_reads_the_module_path_formats_of_torch_versions(path
     assert dynamo_attribution(node) == ("layer1.0.conv1", "/site-packages/torchvision/models/resnet.py:92")
     node.meta["fwd_nn_module_stack"] = {"a": ("L['self']", Net)}
     assert dynamo_attribution(node)[0] == "Net"
+
+
+# --- error messages ----------------------------------------------------------
+
+def reads_a_value(model, optimizer, x, y):
+    loss = nn.functional.cross_entropy(mutwo_backend.sep(model(x)), y)
+    if loss.item() > 0:
+        loss.backward()
+    optimizer.step()
+
+
+def test_reading_a_tensor_value_names_the_line_first():
+    model = nn.Linear(4, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    hooks = len(module_hooks._global_forward_pre_hooks), len(module_hooks._global_forward_hooks)
+    with pytest.raises(CaptureError) as raised:
+        capture_train_step(reads_a_value, model, optimizer, torch.randn(2, 4), torch.tensor([0, 2]))
+    filename, line = source_of(reads_a_value, "loss.item()")
+    assert str(raised.value).startswith(f"{filename}:{line} reads a tensor's value: `if loss.item() > 0:`\n")
+    assert "torch.where" in str(raised.value) and "backend='mutwo_profile'" in str(raised.value)
+    assert (len(module_hooks._global_forward_pre_hooks), len(module_hooks._global_forward_hooks)) == hooks
