@@ -64,6 +64,16 @@ def sep(x: torch.Tensor) -> torch.Tensor:
     """Mark ``x`` (the model output) as the end of the forward pass."""
     if not isinstance(x, torch.Tensor):
         raise CaptureError(
-            f"mutwo_backend.sep takes the model's output tensor, not a {type(x).__name__}: pass the "
+            f"mutwo_backend.sep takes the model's output tensor, not {_a_type_name(x)}: pass the "
             "tensor the loss is computed from, e.g. sep(out.logits), sep(out['logits']) or sep(out[0]).")
     return SEPFunction.apply(x)
+
+
+def _a_type_name(value) -> str:
+    """``value``'s type name with its article, as a message says it: "an int",
+    "a dict", "None"."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    vowel_sound = name[:1].lower() in "aeiou" and not name.lower().startswith(("us", "uni", "uu"))  # (a UserDict)
+    return f"{'an' if vowel_sound else 'a'} {name}"

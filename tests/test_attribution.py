@@ -319,6 +319,12 @@ def test_dynamo_attribution_reads_the_module_path_formats_of_torch_versions(path
 
 # --- error messages ----------------------------------------------------------
 
+@pytest.mark.parametrize("value, article", [(3, "not an int"), ({"logits": 1}, "not a dict"), (None, "not None")])
+def test_sep_names_what_it_got_with_its_article(value, article):
+    with pytest.raises(CaptureError, match=f"output tensor, {article}: pass the tensor"):
+        mutwo_backend.sep(value)
+
+
 def reads_a_value(model, optimizer, x, y):
     loss = nn.functional.cross_entropy(mutwo_backend.sep(model(x)), y)
     if loss.item() > 0:
