@@ -162,8 +162,9 @@ def test_captured_step_equals_eager(case, optimizer_name):
 
 
 def node_facts(step):
-    """Per node: what it is, what it reads, and its value's geometry; and per
-    storage the node that created it, so that sharing is compared too."""
+    """Per node: what it is, what it reads, its value's geometry and its
+    module and source line (attribution.py); and per storage the node that
+    created it, so that sharing is compared too."""
     storage_creator = {}
     facts = []
     for node in step.gm.graph.nodes:
@@ -172,7 +173,8 @@ def node_facts(step):
             [v for v in value if isinstance(v, torch.Tensor)] if isinstance(value, (tuple, list)) else []
         geometry = [(tuple(t.shape), t.stride(), t.storage_offset(), t.dtype, t.untyped_storage().nbytes(),
                      storage_creator.setdefault(t.untyped_storage()._cdata, node.name)) for t in tensors]
-        facts.append((node.op, node.name, str(node.target), str(node.args), str(node.kwargs), geometry))
+        facts.append((node.op, node.name, str(node.target), str(node.args), str(node.kwargs), geometry,
+                      node.meta.get("mutwo_module"), node.meta.get("mutwo_source")))
     return facts
 
 
