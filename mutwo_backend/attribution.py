@@ -229,7 +229,9 @@ def dynamo_attribution(node: fx.Node) -> Where:
 def dynamo_input_names(gm: fx.GraphModule) -> list[str | None]:
     """For the dynamo graph a backend receives: per placeholder, the
     qualified name of the parameter or buffer it is (``layer1.0.conv1.weight``,
-    read from the source dynamo records for it), or None for other inputs."""
+    read from the source dynamo records for it), or None for other inputs.
+    Call it inside the backend: once compiled, dynamo drops the sources
+    (``grapharg``) from the placeholders' meta, and all names are None."""
     names = []
     for node in gm.graph.nodes:
         if node.op != "placeholder":
