@@ -44,7 +44,7 @@ from .optimizers import (CAPTURE_DECOMPOSITIONS, FUNCTIONAL_FUSED, EagerOptimize
                          functionalize_fused_steps, hyperparameters, init_state, remove_state)
 from .recording import StepRecorder, written_tensors
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mutwo")  # the package's logger, which the CLI shows
 SEP = torch.ops.separator.sep.default
 SEP_BACKWARD = torch.ops.separator.sep_backward.default
 # what make_fx raises where the step reads tensor values

@@ -2,6 +2,7 @@
 optimizer state and buffers; the graph's structure; errors on bad input."""
 
 import copy
+import logging
 from collections import Counter
 
 import pytest
@@ -208,6 +209,26 @@ def test_recorded_step_is_the_graph_make_fx_traces(case, optimizer_name):
     assert [m.peak_bytes for m in memory] == [memory[0].peak_bytes] * 2
     for kind in memory[0].kinds:
         assert list(memory[1].timeline_of(kind)) == list(memory[0].timeline_of(kind))
+
+
+def test_the_fallback_to_make_fx_is_logged_where_the_cli_shows_it(caplog):
+    """The CLI shows the "mutwo" logger; the capture says there why it traces."""
+    model, (inputs, targets), spec = zoo_case("mlp", 4)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+
+    def reads_a_value(model, optimizer, inputs, targets):
+        out = mutwo_backend.sep(model(inputs))
+        loss = nn.functional.cross_entropy(out, targets) * targets.max().item()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    with caplog.at_level(logging.INFO, logger="mutwo"):
+        try:  # make_fx traces the read with a symbolic value, or refuses it (torch versions differ)
+            assert capture_train_step(reads_a_value, model, optimizer, inputs, targets).capture_method == "traced"
+        except CaptureError:
+            pass
+    assert any(r.name == "mutwo" and "could not record the step" in r.getMessage() for r in caplog.records)
 
 
 def test_a_boolean_mask_is_traced_not_recorded():
