@@ -11,6 +11,7 @@ from torch import fx
 from passes import GraphAnalysis, GraphHints, NodeType, Region
 from passes.memory import rounded
 
+from .attribution import MODULE_KEY, SOURCE_KEY
 from .metrics import activation_records
 from .records import (SCHEMA, WORKLESS_OPS, MemoryRecord, Meta, NodeRecord, ReportRecords, StorageRecord,
                       as_dict)
@@ -19,7 +20,6 @@ from .statistics import NodeStatistics
 from .swap import SwapModel
 
 DEFAULT_MODULE_DEPTH = 2
-MODULE_META_KEY, SOURCE_META_KEY = "mutwo_module", "mutwo_source"  # set by the capture (attribution.py)
 
 
 def assemble_report(analysis: GraphAnalysis, stats: NodeStatistics, *, device: torch.device, timer: str,
@@ -105,7 +105,7 @@ class NodeLabels:
         return None
 
     def module_and_source(self, node: fx.Node) -> tuple[str | None, str | None]:
-        source = node.meta.get(SOURCE_META_KEY)
+        source = node.meta.get(SOURCE_KEY)  # (nodes made after the capture have none)
         region = self.analysis.regions[node]
         if region is Region.LOSS:
             return "loss", source
@@ -116,7 +116,7 @@ class NodeLabels:
             if kind in (NodeType.PARAM, NodeType.BUFFER) and node.name in self.names:
                 return self.names[node.name].rpartition(".")[0] or self.root_module, None
             return ("optimizer" if kind is NodeType.OPT_STATE else None), None
-        return node.meta.get(MODULE_META_KEY), source
+        return node.meta.get(MODULE_KEY), source
 
     def step_inputs(self) -> list[dict]:
         """Name, shape and dtype of each tensor the step takes besides the

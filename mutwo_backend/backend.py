@@ -32,8 +32,8 @@ from torch.utils.weak import WeakIdKeyDictionary
 from passes import GraphHints, run_pipeline
 
 from .arguments import SWAP_MODES, check_iterations
-from .assemble import DEFAULT_MODULE_DEPTH, MODULE_META_KEY, SOURCE_META_KEY, assemble_report, combine_graph_reports
-from .attribution import dynamo_attribution, dynamo_input_names, dynamo_model_name
+from .assemble import DEFAULT_MODULE_DEPTH, assemble_report, combine_graph_reports
+from .attribution import annotate, dynamo_attribution, dynamo_input_names, dynamo_model_name
 from .device_memory import AllocatorReadings, check_step_fits, out_of_memory_explained
 from .errors import MutwoError
 from .interpreter import IterationRecord, ProfilingInterpreter, swap_points
@@ -255,7 +255,7 @@ class DynamoGraph:
         self.program = stitch(forward, backward, num_fwd_outputs)
         graph = self.program.graph
         for node in graph.graph.nodes:  # the module and source line reports show, from dynamo's meta
-            node.meta[MODULE_META_KEY], node.meta[SOURCE_META_KEY] = dynamo_attribution(node)
+            annotate(node, dynamo_attribution(node))
         self.hints = self._hints(graph, num_fwd_outputs, static)
         self.analysis = run_pipeline(graph, self.hints, allocator_rounding=self.device.type == "cuda")
         return forward, backward
