@@ -182,8 +182,10 @@ class ReportRecords:
 
 
 def as_dict(record) -> dict:
-    """A record's fields as a dict (shallow: its values are plain already)."""
-    return {f.name: getattr(record, f.name) for f in dataclasses.fields(record)}
+    """A record's fields as a dict (shallow: its values are plain already).
+    A dataclass's instance dict holds exactly its fields, in order, and is
+    read without dataclasses.fields' per-call work (ten thousand records a report)."""
+    return dict(vars(record))
 
 
 def _json_types(annotation) -> tuple[type, ...]:
