@@ -370,6 +370,9 @@ def test_compile_report_with_graph_break_saves_one_trace_process_per_graph(tmp_p
         optimizer.zero_grad()
     report = mutwo_backend.get_report(compiled)
     assert report is not None and len(report.to_dict()["graphs"]) == 2
+    assert validate(report.to_dict()) == [] and all(validate(g) == [] for g in report.to_dict()["graphs"])
+    assert report.to_dict()["meta"]["model"] == "BreakingMLP"
+    assert {m["module"] for m in report.to_dict()["modules"]} >= {"fc1", "fc2"}
     report.save(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == sorted(FILES)
     with open(tmp_path / "trace.json") as f:
