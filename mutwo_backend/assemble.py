@@ -44,6 +44,7 @@ def assemble_report(analysis: GraphAnalysis, stats: NodeStatistics, *, device: t
             region=analysis.regions[node].value, kind=analysis.kinds[node].value,
             module=module, source=source, param=labels.param(node),
             inputs=[n.name for n in node.all_input_nodes],
+            storages=[storage_ids[key] for key in analysis.storages.refs.get(node, ())],
             run_time_ms=float(stats.run_time_ms[rank]), run_time_min_ms=float(stats.run_time_min_ms[rank]),
             run_time_max_ms=float(stats.run_time_max_ms[rank]),
             peak_bytes=int(stats.peak_bytes[rank] if measured else memory.peak_during_bytes[rank]),

@@ -48,6 +48,8 @@ class NodeRecord:
     differentiates), ``loss``, ``optimizer``, or None where the capture
     cannot tell; ``source``: ``file:line`` of the code that issued it;
     ``param``: the parameter's name for PARAM, GRAD and OPT_STATE nodes.
+    ``inputs``: the nodes it reads; ``storages``: the storages its value
+    refers to, so that every read of a storage can be found.
     ``output_bytes``: what the node newly allocates (0 for views and
     in-place ops). ``peak_bytes`` / ``active_bytes``: the allocator's peak
     while it runs and bytes allocated after it (GPU), else the simulation's.
@@ -64,6 +66,7 @@ class NodeRecord:
     source: str | None
     param: str | None
     inputs: list
+    storages: list  # ids of the storages its value refers to (its own, those it views, a tuple's items')
     run_time_ms: float
     run_time_min_ms: float
     run_time_max_ms: float

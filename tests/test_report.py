@@ -35,6 +35,7 @@ SCHEMA = {
     "node": {"name": str, "rank": int, "op": str, "target": str, "region": str, "kind": str,
              "run_time_ms": NUMBER, "peak_bytes": int, "active_bytes": int, "output_bytes": int,
              "module": OPTIONAL_STR, "source": OPTIONAL_STR, "param": OPTIONAL_STR, "inputs": list,
+             "storages": list,
              "simulated_during_bytes": int, "simulated_live_bytes": int},
     "activation": {"name": str, "memory_bytes": int, "creation_rank": int, "last_fw_rank": int,
                    "first_bw_rank": int, "last_bw_rank": int, "inactive_time_ms": NUMBER,
@@ -236,6 +237,11 @@ def test_activations_name_the_storage_they_hold_and_its_base(report):
         # the bytes of a storage are counted once, on one of its activations, unless it is an input's
         assert counted == ([] if storage["resident"] else [storage["memory_bytes"]])
     assert any(len(acts) > 1 for acts in owners.values())  # views of one storage share its id
+    by_name = {n["name"]: n for n in data["nodes"]}
+    for act in data["activations"]:
+        assert act["storage"] == by_name[act["name"]]["storages"][0]
+    for storage in data["storages"]:  # a storage's creator refers to it
+        assert storage["id"] in by_name[storage["creator"]]["storages"]
 
 
 def test_output_bytes_is_what_a_node_newly_allocates(report):
