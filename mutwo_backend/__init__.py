@@ -1,5 +1,5 @@
-"""mutwo: graph-level profiler of a whole PyTorch training iteration, after
-the profiler of mu-TWO (Purandare et al., MLSys 2023)."""
+"""mutwo: graph-level profiler and memory planner of a whole PyTorch
+training iteration, after mu-TWO (Purandare et al., MLSys 2023)."""
 
 from .capture import InputRole, TrainStepGraph, capture_train_step
 from .errors import CaptureError, MutwoError, StepDoesNotFitError
@@ -8,11 +8,12 @@ from .interpreter import NodeExecutionError, ProfilingInterpreter
 from .profiler import GraphProfiler, profile_train_step
 from .report import Report
 from .backend import get_report, mutwo_profile, register
+from planner import BudgetError, Plan, plan_memory  # Stage 2 (the planner package, beside passes)
 
 register()
 
 __all__ = [
-    "CaptureError", "GraphProfiler", "InputRole", "MutwoError", "NodeExecutionError",
-    "ProfilingInterpreter", "Report", "SEPFunction", "StepDoesNotFitError", "TrainStepGraph", "capture_train_step",
-    "get_report", "mutwo_profile", "profile_train_step", "sep",
+    "BudgetError", "CaptureError", "GraphProfiler", "InputRole", "MutwoError", "NodeExecutionError",
+    "Plan", "ProfilingInterpreter", "Report", "SEPFunction", "StepDoesNotFitError", "TrainStepGraph", "capture_train_step",
+    "get_report", "mutwo_profile", "plan_memory", "profile_train_step", "sep",
 ]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import BudgetError
+from .plan import size_text
 from .problem import Candidate, PlanningProblem
 from .simulate import Away, MemoryTimeline
 
@@ -208,20 +209,26 @@ class GreedyPlanner:
     # --- when no plan fits -------------------------------------------------------
 
     def _floor_message(self, budget_bytes: int) -> str:
+        """The lowest peak reached, what is live there by kind, and the
+        largest activations there that stay, with why."""
         problem, peak = self.problem, self.timeline.peak_rank
-        live = [(problem.storage_kind[s], int(problem.storage_bytes[s])) for s in range(len(problem.storage_bytes))
-                if problem.storage_alloc_rank[s] <= peak <= problem.storage_free_rank[s]]
+        away = {c.candidate.storage for c in self.chosen.values() if c.away.away_from <= peak < c.away.back_at}
         by_kind: dict[str, int] = {}
-        for kind, nbytes in live:
-            by_kind[kind] = by_kind.get(kind, 0) + nbytes
-        held = ", ".join(f"{kind} {_gib(b)}" for kind, b in sorted(by_kind.items(), key=lambda kv: -kv[1]) if b)
-        return (f"no plan fits a budget of {_gib(budget_bytes)}: the lowest peak the planner reaches is "
-                f"{_gib(self.timeline.peak_bytes)}, while {problem.node_names[peak]} (rank {peak}) runs, held by "
-                f"{held}" + (f" and {_gib(problem.offset_bytes)} the simulation misses (measured)"
-                             if problem.offset_bytes else "") +
-                ". Activations there that could go are gone already or cannot be replayed: raise the budget, "
-                "use a smaller batch" + ("" if self.allow_swap else ", or allow swaps (allow_swap=True)") + ".")
+        for s in range(len(problem.storage_bytes)):
+            if problem.storage_alloc_rank[s] <= peak <= self.free_rank[s] and s not in away:
+                by_kind[problem.storage_kind[s]] = by_kind.get(problem.storage_kind[s], 0) + int(problem.storage_bytes[s])
+        held = ", ".join(f"{kind} {size_text(b)}" for kind, b in sorted(by_kind.items(), key=lambda kv: -kv[1]) if b)
+        staying = sorted((c for c in self.remaining.values() if c.last_fw_rank < peak < c.first_bw_rank),
+                         key=lambda c: -c.memory_bytes)[:3]
+        why = "; ".join(f"{c.activations[0]} ({size_text(c.memory_bytes)}) cannot be recomputed: "
+                        + (c.recompute_reason or "a source of it is swapped out")
+                        + ("" if self.allow_swap else ", and swaps are off") for c in staying)
+        return (f"no plan fits a budget of {size_text(budget_bytes)}: the lowest peak the planner reaches is "
+                f"{size_text(self.timeline.peak_bytes)}, while {problem.node_names[peak]} (rank {peak}) runs, where "
+                f"{held} are live" + (f", and {size_text(problem.offset_bytes)} the simulation misses (measured)"
+                                      if problem.offset_bytes else "") +
+                (f". Activations there that stay: {why}" if staying else
+                 ". No activation there can go: it is all read there, or state, gradients and inputs") +
+                ". Raise the budget or use a smaller batch" + ("" if self.allow_swap else ", or allow swaps") + ".")
 
 
-def _gib(nbytes: int) -> str:
-    return f"{nbytes / 2 ** 30:.2f} GiB"

@@ -75,15 +75,15 @@ class Plan:
 
     def format(self, top: int = 15) -> str:
         """What was decided, what it saves and what it costs, largest first."""
-        rows = [("budget", _size(self.budget_bytes)),
-                ("peak", f"{_size(self.baseline_peak_bytes)} -> {_size(self.predicted_peak_bytes)} (predicted)"),
+        rows = [("budget", size_text(self.budget_bytes)),
+                ("peak", f"{size_text(self.baseline_peak_bytes)} -> {size_text(self.predicted_peak_bytes)} (predicted)"),
                 ("iteration time", f"{self.baseline_iteration_ms:.2f} ms -> {self.predicted_iteration_ms:.2f} ms "
                                    f"(predicted, +{self._overhead_percent():.1f}%)"),
                 ("solver", self.solver)]
-        rows += [(f"{action}", f"{self.count(action)} activations, {_size(self.saved_bytes(action))}")
+        rows += [(f"{action}", f"{self.count(action)} activations, {size_text(self.saved_bytes(action))}")
                  for action in ACTIONS]
         dropped = sorted((d for d in self.decisions if d.action != "keep"), key=lambda d: -d.memory_bytes)
-        table = tabulate([(d.activation, d.action, _size(d.memory_bytes), f"{d.recompute_ms:.3f}",
+        table = tabulate([(d.activation, d.action, size_text(d.memory_bytes), f"{d.recompute_ms:.3f}",
                            f"{d.exposed_ms:.3f}", len(d.recompute_nodes) or "-",
                            d.swap_out_after or "-", d.prefetch_at or "-") for d in dropped[:top]],
                          headers=[f"top {min(top, len(dropped))} of {len(dropped)} dropped activations",
@@ -101,6 +101,7 @@ class Plan:
         return 100 * (self.predicted_iteration_ms / self.baseline_iteration_ms - 1) if self.baseline_iteration_ms else 0.0
 
 
-def _size(nbytes: float) -> str:
+def size_text(nbytes: float) -> str:
+    """Bytes in B/KiB/MiB/GiB, as the report's tables show them."""
     from mutwo_backend.report import format_bytes  # (here: mutwo_backend imports the planner)
     return format_bytes(nbytes)

@@ -50,6 +50,7 @@ class Candidate:
     last_use_rank: int
     inactive_time_ms: float
     recomputable: bool
+    recompute_reason: str | None  # why not, when not (the report's)
     recompute_nodes: tuple[str, ...]
     recompute_srcs: tuple[str, ...]
     recompute_ms: float
@@ -186,6 +187,7 @@ def _with_candidates(problem: PlanningProblem, data: dict) -> PlanningProblem:
             inactive_time_ms=float(problem.node_start_ms[first_bw] - problem.node_start_ms[last_fw]
                                    - problem.node_ms[last_fw]),
             recomputable=all(a["recomputable"] for a in acts) and bool(ordered),
+            recompute_reason=next((a["recompute_reason"] for a in acts if a["recompute_reason"]), None),
             recompute_nodes=ordered, recompute_srcs=tuple(sorted(srcs, key=rank.__getitem__)),
             recompute_ms=recompute_ms, recompute_transient_bytes=max(0, peak - nbytes),
             swap_out_ms=problem.device_to_host.time_ms(nbytes), swap_in_ms=problem.host_to_device.time_ms(nbytes)))
