@@ -72,7 +72,8 @@ def run_pipeline(gm: fx.GraphModule, hints: GraphHints | None = None,
     kinds = timed("kinds", classify, nodes, boundary, storages, hints)
     size = lambda key: rounded(storages.nbytes[key], allocator_rounding)  # noqa: E731
     activations = timed("liveness", activation_liveness, nodes, rank, boundary, kinds.kinds, storages, size)
-    recompute = timed("recompute", recompute_subgraphs, nodes, activations, kinds.kinds, boundary.regions, rank)
+    recompute = timed("recompute", recompute_subgraphs, nodes, activations, kinds.kinds, boundary.regions, rank,
+                      storages)
     by_name = {n.name: n for n in nodes}
     freed_after = {by_name[n]: by_name[a] for n, a in (hints.freed_after if hints else {}).items()
                    if n in by_name and a in by_name}

@@ -1,20 +1,21 @@
 """Recompute subgraphs: for each activation, the forward nodes that would
 recompute it from the nearest values kept anyway (parameters, buffers,
-inputs, other activations), and whether recomputing is safe."""
+inputs, other activations), and whether they may be replayed (replay.py's
+rules: same bits, state changed once)."""
 
 from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Mapping
 
 import networkx as nx
-import torch
 from torch import fx
 
 from .boundary import SEP_TARGETS, target_name
-from .kinds import FORWARD_REGIONS, NodeType, batch_norm_statistics
+from .kinds import FORWARD_REGIONS, NodeType
+from .replay import replay_reason
+from .storage import StorageMap
 
 RETAINED = (NodeType.PARAM, NodeType.BUFFER, NodeType.INPUT, NodeType.ACT, NodeType.OPT_STATE)
-COLLECTIVE_MARKERS = ("c10d", "_functional_collectives", "all_reduce", "all_gather", "reduce_scatter")
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,8 @@ def forward_dependency_graph(nodes, regions) -> nx.DiGraph:
     return graph
 
 
-def recompute_subgraphs(nodes, activations, kinds, regions, rank) -> Mapping[fx.Node, RecomputeInfo]:
+def recompute_subgraphs(nodes, activations, kinds, regions, rank,
+                        storages: StorageMap) -> Mapping[fx.Node, RecomputeInfo]:
     graph = forward_dependency_graph(nodes, regions)
     infos = {}
     for act in activations:
@@ -63,30 +65,9 @@ def recompute_subgraphs(nodes, activations, kinds, regions, rank) -> Mapping[fx.
                     inside.add(source)
                     stack.append(source)
         ordered = tuple(sorted(inside, key=rank.__getitem__))
-        reason = unsafe_reason(ordered)
+        reason = replay_reason(ordered, storages)
         infos[act] = RecomputeInfo(tuple(sorted(srcs, key=rank.__getitem__)), ordered, reason is None, reason)
     return MappingProxyType(infos)
-
-
-def unsafe_reason(nodes) -> str | None:
-    """Why running ``nodes`` again would not reproduce the values (or would
-    change state): a random op, a mutation, a collective. None when safe."""
-    for node in nodes:
-        name = target_name(node)
-        if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
-            return f"random op {name} ({node.name}): recomputing draws different numbers"
-        if any(marker in name for marker in COLLECTIVE_MARKERS):
-            return f"collective {name} ({node.name}): every rank would have to recompute it"
-        if _mutates(node):
-            return f"mutation {name} ({node.name}): recomputing would apply it twice"
-    return None
-
-
-def _mutates(node: fx.Node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    if schema is not None and schema.is_mutable:
-        return True
-    return bool(batch_norm_statistics(node))
 
 
 def update_after_recompute(recompute: Mapping[fx.Node, RecomputeInfo], chosen: fx.Node,

@@ -270,13 +270,14 @@ def test_graph_without_fake_values_is_refused():
 
 @pytest.mark.parametrize("op", [torch.ops.aten.native_batch_norm.default, torch.ops.aten.cudnn_batch_norm.default,
                                 torch.ops.aten.miopen_batch_norm.default])
-def test_batch_norm_in_training_is_a_mutation_on_every_backend(op):
+def test_batch_norm_in_training_writes_its_running_statistics_on_every_backend(op):
     """cuDNN's and MIOpen's batch norm update running_mean and running_var
-    as native_batch_norm does, though no schema says so: replaying one would
-    update the statistics twice, so no recompute may run it; in evaluation
-    (training=False) it writes nothing."""
+    as native_batch_norm does, though no schema says so: the buffers are
+    found as written, and a replay must point them at scratch statistics
+    (replay.py), so that they are updated once; in evaluation
+    (training=False) it writes nothing and replays as it is."""
     from passes.kinds import batch_norm_statistics
-    from passes.recompute import unsafe_reason
+    from passes.replay import Replay, replay_rule
 
     graph = fx.Graph()
     x, weight, bias, mean, var = (graph.placeholder(name) for name in ("x", "weight", "bias", "mean", "var"))
@@ -284,5 +285,5 @@ def test_batch_norm_in_training_is_a_mutation_on_every_backend(op):
     evaluation = graph.call_function(op, (x, weight, bias, mean, var, False, 0.1, 1e-5))
     assert not op._schema.is_mutable  # the schema says nothing of the update
     assert batch_norm_statistics(training) == (mean, var)
-    assert "mutation" in unsafe_reason([training])
-    assert batch_norm_statistics(evaluation) == () and unsafe_reason([evaluation]) is None
+    assert replay_rule(training) == (Replay.SCRATCH_STATISTICS, None)
+    assert batch_norm_statistics(evaluation) == () and replay_rule(evaluation) == (Replay.SAME, None)

@@ -1,0 +1,147 @@
+"""The replay rules in their CPU form: every activation a plan may
+recompute, replayed from the values it is rebuilt from, gives the bits of
+the original run and writes nothing it should not (batch norm's running
+statistics are updated once)."""
+
+import operator
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+from torch import fx, nn
+
+import mutwo_backend
+from passes import run_pipeline
+from passes.replay import Replay, functional_form, replay_op, replay_reason, replay_rule
+
+aten = torch.ops.aten
+
+
+@pytest.mark.parametrize("inplace, functional", [
+    (aten.relu_.default, aten.relu.default), (aten.add_.Tensor, aten.add.Tensor),
+    (aten.mul_.Tensor, aten.mul.Tensor), (aten.hardtanh_.default, aten.hardtanh.default)])
+def test_an_in_place_op_replays_as_its_functional_form_with_the_same_bits(inplace, functional):
+    assert functional_form(inplace) is functional
+    torch.manual_seed(0)
+    x, other = torch.randn(64, 32), torch.randn(64, 32)
+    args = (x, other) if len(inplace._schema.arguments) > 1 and inplace._schema.arguments[1].type.kind() \
+        == "TensorType" else (x,)
+    expected = inplace(x.clone(), *args[1:])
+    replayed = functional(*args)
+    assert torch.equal(replayed, expected) and replayed.data_ptr() != x.data_ptr()
+
+
+def test_ops_that_may_not_be_replayed_say_why():
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    for op in (aten.bernoulli_.float, aten.native_dropout.default, aten.rand_like.default):
+        rule, reason = replay_rule(graph.call_function(op, (x, 0.5) if "dropout" in str(op) or "bernoulli" in str(op)
+                                                       else (x,)))
+        assert rule is Replay.NEVER and reason.startswith("random op")
+    rule, reason = replay_rule(graph.call_function(aten._native_batch_norm_legit.default, (x,) * 5 + (True, 0.1, 1e-5)))
+    assert rule is Replay.NEVER and "mutation" in reason  # a write this module does not know how to undo
+    sep = graph.call_function(torch.ops.separator.sep.default, (x,))
+    assert replay_rule(sep) == (Replay.VIEW, None) and replay_op(sep) is aten.alias.default
+
+
+def test_batch_norm_replays_with_scratch_statistics_and_the_same_bits():
+    """Training batch norm normalises with the batch's statistics: pointed at
+    scratch running statistics, a replay gives the original bits and leaves
+    the real ones as the original run updated them, once."""
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(8, 4, 5, 5), torch.randn(4), torch.randn(4)
+    mean, var = torch.randn(4), torch.rand(4) + 0.5
+    graph = fx.Graph()
+    node = graph.call_function(aten.native_batch_norm.default,
+                               tuple(graph.placeholder(n) for n in "xwbmv") + (True, 0.1, 1e-5))
+    assert replay_rule(node) == (Replay.SCRATCH_STATISTICS, None)
+    original = aten.native_batch_norm.default(x, weight, bias, mean, var, True, 0.1, 1e-5)
+    updated = mean.clone(), var.clone()
+    replayed = replay_op(node)(x, weight, bias, mean.clone(), var.clone(), True, 0.1, 1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(replayed, original))
+    assert torch.equal(mean, updated[0]) and torch.equal(var, updated[1])
+
+
+class ResidualCNN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(inplace=True))
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.drop = nn.Dropout(0.2)
+        self.head = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.stem(x)
+        out = self.bn(self.conv(x))
+        out += x  # a residual add_, then an in-place ReLU, as ResNet's blocks
+        out = torch.relu_(out)
+        return self.head(self.drop(out.mean((2, 3))))
+
+
+def classify_step(model, optimizer, x, y):
+    loss = nn.functional.cross_entropy(mutwo_backend.sep(model(x)), y)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.detach()
+
+
+class Snapshots(fx.Interpreter):
+    """Runs the graph and keeps a copy of every node's value as it was made."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.values = {}
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        self.values[n] = pytree.tree_map_only(torch.Tensor, torch.clone, result)
+        return result
+
+
+def test_every_recomputable_activation_replays_to_the_bits_of_the_original_run():
+    torch.manual_seed(0)
+    model = ResidualCNN()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 8, 8), torch.randint(0, 10, (4,))
+    step = mutwo_backend.capture_train_step(classify_step, model, optimizer, x, y)
+    analysis = run_pipeline(step.gm, step.hints)
+    runner = Snapshots(step.gm)
+    inputs = pytree.tree_map_only(torch.Tensor, torch.clone, pytree.tree_leaves(step.graph_inputs(x, y)))
+    runner.run(*inputs)
+    replayed_rules = set()
+    recomputable = [a for a, info in analysis.recompute.items() if info.recomputable and info.nodes]
+    blocked = {a.name: info.reason for a, info in analysis.recompute.items() if not info.recomputable}
+    # the in-place ReLUs and the residual add_ no longer block; dropout's draw does
+    by_name = {a.name: a for a in recomputable}
+    assert {"relu_", "detach_1"} <= set(by_name)
+    assert {"add__2", "relu__1"} <= {n.name for n in analysis.recompute[by_name["detach_1"]].nodes}
+    assert blocked and all("random op" in reason for reason in blocked.values())
+    for activation in recomputable:
+        info = analysis.recompute[activation]
+        env = {src: runner.values[src] for src in info.srcs}
+        sources_before = {src: pytree.tree_map_only(torch.Tensor, torch.clone, value) for src, value in env.items()}
+        for node in info.nodes:
+            rule, _ = replay_rule(node)
+            replayed_rules.add(rule)
+            args, kwargs = pytree.tree_map_only(fx.Node, lambda n: env[n], (node.args, node.kwargs))
+            if node.target is operator.getitem:
+                env[node] = operator.getitem(*args)
+                continue
+            if rule is Replay.SCRATCH_STATISTICS:
+                args = args[:3] + tuple(a.clone() for a in args[3:5]) + args[5:]
+            env[node] = replay_op(node)(*args, **kwargs)
+        got, expected = env[activation], runner.values[activation]
+        assert torch.equal(got, expected), activation.name
+        for src, value in sources_before.items():  # the replay wrote nothing it reads
+            assert all(torch.equal(a, b) for a, b in zip(pytree.tree_leaves(env[src]), pytree.tree_leaves(value)))
+    assert {Replay.SAME, Replay.OUT_OF_PLACE, Replay.SCRATCH_STATISTICS} <= replayed_rules
+
+
+def test_an_in_place_write_to_a_kept_value_is_not_replayed():
+    graph = fx.Graph()
+    kept = graph.placeholder("kept")
+    relu = graph.call_function(aten.relu_.default, (kept,))
+    assert replay_rule(relu) == (Replay.OUT_OF_PLACE, None)
+    assert "writes a value the replay does not rebuild" in replay_reason([relu])
