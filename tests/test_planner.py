@@ -247,3 +247,24 @@ def test_the_problem_counts_each_storage_once_and_frees_at_last_use(case):
     during = MemoryTimeline(problem).during
     assert (during <= np.array([n["simulated_during_bytes"] for n in data["nodes"]])).all()
     assert during.max() <= data["memory"]["peak_bytes"]
+
+
+def test_a_compile_report_is_planned_too():
+    """torch.compile(backend="mutwo_profile"): the forward and backward
+    graphs AOTAutograd made, planned against the compiled region's peak."""
+    torch.manual_seed(0)
+    model = DeepMLP()
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    compiled = torch.compile(model, backend="mutwo_profile", options={"warmup": 1, "iters": 1,
+                                                                      "optimizer": optimizer})
+    x, y = torch.randn(2048, 256), torch.randint(0, 10, (2048,))
+    for _ in range(2):
+        nn.functional.cross_entropy(compiled(x), y).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    report = mutwo_backend.get_report(compiled)
+    graph = report.to_dict()["graphs"][0]
+    budget = int(graph["memory"]["peak_bytes"] - 0.4 * graph["memory"]["breakdown_at_peak"]["ACT"])
+    plan = plan_memory(report, budget, allow_swap=False)
+    assert plan.predicted_peak_bytes <= budget and plan.count("recompute") > 0
+    assert plan.baseline_peak_bytes == graph["memory"]["peak_bytes"]  # the compiled region's, on the CPU
