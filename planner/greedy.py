@@ -92,6 +92,7 @@ class GreedyPlanner:
         self.free_rank = problem.storage_free_rank.copy()  # later where a recompute reads a kept value
         self.remaining = {c.index: dataclasses.replace(c) for c in problem.candidates}
         self.chosen: dict[int, Choice] = {}
+        self.absorbed: set[int] = set()  # chosen recomputes that other recompute lists rebuild
         self.d2h, self.h2d = CopyQueue(), CopyQueue()
         self.end_ms = problem.node_start_ms + problem.node_ms
         self.rank = problem.rank_of
@@ -116,7 +117,27 @@ class GreedyPlanner:
                 self._recompute(candidate)
             else:
                 self._swap(candidate, budget_bytes)
+        self._keep_what_fits(budget_bytes)
         return Schedule(tuple(self.chosen.values()), self.timeline.peak_bytes, self.timeline.peak_rank)
+
+    def _keep_what_fits(self, budget_bytes: int) -> None:
+        """The loop never undoes a choice, and later choices can make an
+        earlier one needless: keep again, costliest first, every choice the
+        plan still fits without. (Not a recompute that others' recomputes
+        absorbed: they read it rebuilt. The sources it kept alive and the
+        copies it queued stay counted, so memory is over-, never
+        under-estimated.)"""
+        def cost(choice):
+            return choice.candidate.recompute_ms if choice.action == "recompute" else choice.exposed_ms
+
+        for index, choice in sorted(self.chosen.items(), key=lambda item: -cost(item[1])):
+            if index in self.absorbed or cost(choice) <= 0:
+                continue
+            self.timeline.restore(choice.away)
+            if self.timeline.peak_bytes <= budget_bytes:
+                del self.chosen[index]
+            else:
+                self.timeline.apply(choice.away)
 
     # --- recompute (Algorithms D, E, F) ---------------------------------------
 
@@ -137,6 +158,7 @@ class GreedyPlanner:
         for other in [*self.remaining.values(), *(c.candidate for c in self.chosen.values())]:
             if other.index != candidate.index and set(candidate.activations) & set(other.recompute_srcs):
                 self._absorb(other, candidate)
+                self.absorbed.add(candidate.index)
                 if other.index in self.chosen:  # its recompute now reads chosen's sources
                     self._keep_sources_until(other)
         for src in candidate.recompute_srcs:  # F: a source's own recompute would run once more for it

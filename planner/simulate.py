@@ -40,6 +40,11 @@ class MemoryTimeline:
         self.during[away.away_from:away.back_at] -= away.nbytes
         self.during[away.back_at] += away.transient_bytes
 
+    def restore(self, away: Away) -> None:
+        """Undo ``apply``: the storage is kept again."""
+        self.during[away.away_from:away.back_at] += away.nbytes
+        self.during[away.back_at] -= away.transient_bytes
+
     def extend(self, nbytes: int, first: int, last: int) -> None:
         """Hold ``nbytes`` from rank ``first`` to ``last`` too (a kept value
         a recompute reads after its last use)."""
