@@ -20,18 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from planner.problem import CopyCost
+
 from .device_memory import free_bytes
 
 CALIBRATION_SIZES = tuple(64 * 1024 * 4 ** k for k in range(8))  # 64 KiB .. 1 GiB
-
-
-@dataclass(frozen=True)
-class CopyCost:
-    latency_ms: float
-    bytes_per_ms: float
-
-    def time_ms(self, nbytes: int) -> float:
-        return self.latency_ms + nbytes / self.bytes_per_ms
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,9 @@ from .errors import PlanningError
 
 
 @dataclass(frozen=True)
-class CopyModel:
-    """One copy direction: a fixed latency plus bytes over bandwidth."""
+class CopyCost:
+    """One copy direction: a fixed latency plus bytes over bandwidth (the
+    swap model's form: mutwo_backend/swap.py fits it on the GPU)."""
 
     latency_ms: float
     bytes_per_ms: float
@@ -87,8 +88,8 @@ class PlanningProblem:
     offset_bytes: int  # measured peak minus simulated peak of the profiled run (0 on the CPU)
     baseline_peak_bytes: int  # the profile's peak: measured on a GPU, simulated on the CPU
     baseline_iteration_ms: float  # sum of the ops' median times
-    device_to_host: CopyModel
-    host_to_device: CopyModel
+    device_to_host: CopyCost
+    host_to_device: CopyCost
     on_gpu: bool
     fingerprint: str
 
@@ -139,8 +140,8 @@ def planning_problem(data: dict) -> PlanningProblem:
         candidates=(), offset_bytes=max(0, measured - memory["peak_bytes"]) if measured is not None else 0,
         baseline_peak_bytes=measured if measured is not None else memory["peak_bytes"],
         baseline_iteration_ms=float(node_ms.sum()),
-        device_to_host=CopyModel(swap["d2h_latency_ms"], swap["d2h_bandwidth_gb_s"] * 1e6),
-        host_to_device=CopyModel(swap["h2d_latency_ms"], swap["h2d_bandwidth_gb_s"] * 1e6),
+        device_to_host=CopyCost(swap["d2h_latency_ms"], swap["d2h_bandwidth_gb_s"] * 1e6),
+        host_to_device=CopyCost(swap["h2d_latency_ms"], swap["h2d_bandwidth_gb_s"] * 1e6),
         on_gpu=measured is not None, fingerprint=graph_fingerprint(nodes))
     return _with_candidates(problem, data)
 

@@ -15,65 +15,14 @@ from mutwo_backend import BudgetError, Plan, Report, plan_memory
 from planner import PlanningError
 from planner.budget import budget_bytes
 from planner.problem import planning_problem
-
-
-class DeepMLP(nn.Module):
-    def __init__(self, width=256, depth=8, dropout=0.0):
-        super().__init__()
-        layers = []
-        for _ in range(depth):
-            layers += [nn.Linear(width, width), nn.GELU()] + ([nn.Dropout(dropout)] if dropout else [])
-        self.blocks = nn.Sequential(*layers)
-        self.head = nn.Linear(width, 10)
-
-    def forward(self, x):
-        return self.head(self.blocks(x))
-
-
-class SmallCNN(nn.Module):
-    """BatchNorm, in-place ReLU and residual adds: the blocks of a ResNet."""
-
-    def __init__(self, channels=16, blocks=3):
-        super().__init__()
-        self.stem = nn.Conv2d(3, channels, 3, padding=1)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                                                  nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
-                                    for _ in range(blocks))
-        self.head = nn.Linear(channels, 10)
-
-    def forward(self, x):
-        x = self.stem(x)
-        for block in self.blocks:
-            x = x + block(x)
-        return self.head(x.mean((2, 3)))
-
-
-class TiedLM(nn.Module):
-    """An embedding whose weight is also the output layer's."""
-
-    def __init__(self, vocab=64, width=128, depth=4):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)])
-
-    def forward(self, tokens):
-        return self.layers(self.embed(tokens)) @ self.embed.weight.t()
-
-
-def classify_step(model, optimizer, x, y):
-    out = mutwo_backend.sep(model(x))
-    loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return loss.detach()
+from planner_models import DeepMLP, SmallCNN, TiedLM, classify_step, token_batch  # (tests/)
 
 
 CASES = {
     "mlp": (lambda: DeepMLP(), lambda: (torch.randn(2048, 256), torch.randint(0, 10, (2048,)))),
     "mlp-dropout": (lambda: DeepMLP(dropout=0.1), lambda: (torch.randn(2048, 256), torch.randint(0, 10, (2048,)))),
     "cnn-batchnorm": (lambda: SmallCNN(), lambda: (torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))),
-    "tied": (lambda: TiedLM(), lambda: (torch.randint(0, 64, (64, 64)), torch.randint(0, 64, (64, 64)))),
+    "tied": (lambda: TiedLM(), token_batch),
 }
 
 

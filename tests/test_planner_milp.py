@@ -10,7 +10,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 import mutwo_backend
 from planner import BudgetError, Plan, PlanningError, plan_memory
@@ -18,68 +17,17 @@ from planner import milp as milp_module
 from planner.greedy import GreedyPlanner
 from planner.milp import _Replay, milp_schedule
 from planner.planning import build_plan
-from planner.problem import Candidate, CopyModel, PlanningProblem, planning_problem
+from planner.problem import Candidate, CopyCost, PlanningProblem, planning_problem
 from planner.simulate import MemoryTimeline
-
-
-class DeepMLP(nn.Module):
-    def __init__(self, width=192, depth=8, dropout=0.0):
-        super().__init__()
-        layers = []
-        for _ in range(depth):
-            layers += [nn.Linear(width, width), nn.GELU()] + ([nn.Dropout(dropout)] if dropout else [])
-        self.blocks = nn.Sequential(*layers)
-        self.head = nn.Linear(width, 10)
-
-    def forward(self, x):
-        return self.head(self.blocks(x))
-
-
-class SmallCNN(nn.Module):
-    """Convolutions with BatchNorm and residual adds."""
-
-    def __init__(self, channels=16, blocks=3):
-        super().__init__()
-        self.stem = nn.Conv2d(3, channels, 3, padding=1)
-        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False),
-                                                  nn.BatchNorm2d(channels), nn.ReLU())
-                                    for _ in range(blocks))
-        self.head = nn.Linear(channels, 10)
-
-    def forward(self, x):
-        x = self.stem(x)
-        for block in self.blocks:
-            x = x + block(x)
-        return self.head(x.mean((2, 3)))
-
-
-class TiedLM(nn.Module):
-    """An embedding whose weight is also the output layer's."""
-
-    def __init__(self, vocab=64, width=128, depth=4):
-        super().__init__()
-        self.embed = nn.Embedding(vocab, width)
-        self.layers = nn.Sequential(*[nn.Sequential(nn.Linear(width, width), nn.Tanh()) for _ in range(depth)])
-
-    def forward(self, tokens):
-        return self.layers(self.embed(tokens)) @ self.embed.weight.t()
-
-
-def classify_step(model, optimizer, x, y):
-    out = mutwo_backend.sep(model(x))
-    loss = nn.functional.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
-    loss.backward()
-    optimizer.step()
-    optimizer.zero_grad()
-    return loss.detach()
+from planner_models import DeepMLP, SmallCNN, TiedLM, classify_step, token_batch  # (tests/)
 
 
 MODELS = {
-    "mlp": (lambda: DeepMLP(), lambda: (torch.randn(2048, 192), torch.randint(0, 10, (2048,)))),
-    "mlp-dropout": (lambda: DeepMLP(depth=6, dropout=0.1),
+    "mlp": (lambda: DeepMLP(width=192), lambda: (torch.randn(2048, 192), torch.randint(0, 10, (2048,)))),
+    "mlp-dropout": (lambda: DeepMLP(width=192, depth=6, dropout=0.1),
                     lambda: (torch.randn(2048, 192), torch.randint(0, 10, (2048,)))),
-    "cnn-batchnorm": (lambda: SmallCNN(), lambda: (torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))),
-    "tied": (lambda: TiedLM(), lambda: (torch.randint(0, 64, (64, 64)), torch.randint(0, 64, (64, 64)))),
+    "cnn-batchnorm": (lambda: SmallCNN(inplace=False), lambda: (torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,)))),
+    "tied": (lambda: TiedLM(), token_batch),
 }
 # "recompute": the CPU report as it is (plan_memory plans no swaps for it); "swap": swaps allowed, at the CPU's
 # copy model (fast: every copy hides); "slow-copies": swaps allowed, copies slowed until copying the activation
@@ -345,7 +293,7 @@ def _hand_problem() -> PlanningProblem:
     alloc = np.array([0, 1, 2, 3, 4])
     free = np.array([6, 6, 3, 5, 4])
     node_ms = np.array([0.0, 5.0, 1.0, 1.0, 1.0, 1.0, 1.0])
-    copies = CopyModel(0.01, 1e3)
+    copies = CopyCost(0.01, 1e3)
 
     def candidate(index, storage, name, last_fw, first_bw, srcs, ms):
         return Candidate(index=index, storage=storage, memory_bytes=int(sizes[storage]), activations=(name,),
