@@ -32,9 +32,16 @@ def check_timer(timer: str | None, device: torch.device) -> None:
                          "timer='cpu' (or leave timer unset), or move the model and inputs to a GPU.")
 
 
+def check_module_depth(module_depth) -> None:
+    if isinstance(module_depth, bool) or not isinstance(module_depth, int) or module_depth < 1:
+        raise MutwoError(f"module_depth={module_depth!r}: give a positive integer, the depth of the per-module "
+                         "totals (1: layer3, 2: layer3.4; default 2)")
+
+
 def check_profile_arguments(device: torch.device, warmup: int | None, iters: int, timer: str | None,
-                            swap: str) -> None:
+                            swap: str, module_depth: int = 1) -> None:
     """Every check above, as profile_train_step and GraphProfiler make them."""
     check_iterations(warmup, iters)
     check_swap(swap)
     check_timer(timer, device)
+    check_module_depth(module_depth)

@@ -31,7 +31,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from passes import GraphHints, run_pipeline
 
-from .arguments import SWAP_MODES, check_iterations
+from .arguments import SWAP_MODES, check_iterations, check_module_depth
 from .assemble import DEFAULT_MODULE_DEPTH, assemble_report, combine_graph_reports
 from .attribution import annotate, dynamo_attribution, dynamo_input_names, dynamo_model_name
 from .device_memory import AllocatorReadings, check_step_fits, out_of_memory_explained
@@ -79,8 +79,7 @@ class BackendOptions:
             raise MutwoError(f"option optimizer={parsed.optimizer!r} is a {type(parsed.optimizer).__name__}: it "
                              "takes the optimizer object that trains the model (options={'optimizer': opt}, "
                              "opt = torch.optim.Adam(model.parameters())), so that its state is counted.")
-        if not isinstance(parsed.module_depth, int) or parsed.module_depth < 1:
-            raise MutwoError(f"option module_depth={parsed.module_depth!r}: give a positive integer (default 2)")
+        check_module_depth(parsed.module_depth)
         if parsed.report_dir:
             check_report_dir(parsed.report_dir)
         return parsed

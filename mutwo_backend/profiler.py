@@ -11,7 +11,7 @@ from torch import fx
 
 from passes import GraphAnalysis, GraphHints, run_pipeline
 
-from .arguments import check_profile_arguments
+from .arguments import check_module_depth, check_profile_arguments
 from .assemble import DEFAULT_MODULE_DEPTH, assemble_report
 from .capture import capture_train_step
 from .device_memory import check_step_fits, out_of_memory_explained
@@ -78,6 +78,7 @@ class GraphProfiler:
     def report(self, meta: dict, module_depth: int = DEFAULT_MODULE_DEPTH) -> Report:
         """The report of the iterations since ``reset_stats()``; ``meta``
         holds what the caller knows (capture, warmup, model...)."""
+        check_module_depth(module_depth)
         return assemble_report(self.analysis, self.aggregate_stats(), device=self.device, timer=self.timer,
                                swap=self.swap, swap_model=swap_model(self.device), meta=meta, hints=self.hints,
                                root_module=self.root_module, module_depth=module_depth)
@@ -104,7 +105,7 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int | None =
     saving fails, the ReportNotSavedError raised holds the report.
     ``module_depth`` is the depth of the report's per-module totals."""
     device = next(model.parameters()).device
-    check_profile_arguments(device, warmup, iters, timer, swap)
+    check_profile_arguments(device, warmup, iters, timer, swap, module_depth)
     if report_dir:
         check_report_dir(report_dir)
     with PlotProcesses() if report_dir else contextlib.nullcontext() as plot_processes:

@@ -258,6 +258,7 @@ BAD_CALLS = {  # what a user can get wrong, each documented
     "unknown timer": ({"timer": "sundial"}, "unknown timer 'sundial'"),
     "iters": ({"iters": 0}, "need iters >= 1"),
     "warmup": ({"warmup": -1}, "warmup >= 0"),
+    "module depth": ({"module_depth": 0}, "module_depth=0: give a positive integer"),
     "report_dir under a file": ({"report_dir": "FILE/report"}, "cannot write a report to"),
     "no separator": ({"step": no_sep_step}, "never called mutwo_backend.sep"),
     "failure after the capture": ({"patch": fails_after_the_capture}, "injected failure in the passes"),
