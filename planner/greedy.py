@@ -49,6 +49,11 @@ class Schedule:
     peak_bytes: int
     peak_rank: int
 
+    @property
+    def added_ms(self) -> float:
+        """The time its recomputes and exposed copies add to the step."""
+        return sum(c.candidate.recompute_ms if c.action == "recompute" else c.exposed_ms for c in self.choices)
+
 
 class CopyQueue:
     """One copy direction: busy intervals (ms), kept sorted; first fit."""
@@ -96,8 +101,7 @@ class GreedyPlanner:
         self.d2h, self.h2d = CopyQueue(), CopyQueue()
         self.end_ms = problem.node_start_ms + problem.node_ms
         self.rank = problem.rank_of
-        # node name -> the candidate holding its storage (the values recompute lists name)
-        self.holder = {name: c.index for c in problem.candidates for name in c.activations}
+        self.holder = problem.holders()
 
     def plan(self, budget_bytes: int) -> Schedule:
         while self.timeline.peak_bytes > budget_bytes:

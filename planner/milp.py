@@ -120,11 +120,6 @@ class MilpSchedule(Schedule):
     chosen: dict
     repaired: bool
 
-    @property
-    def added_ms(self) -> float:
-        """What the schedule adds in the greedy's model, as build_plan counts it."""
-        return sum(c.candidate.recompute_ms if c.action == "recompute" else c.exposed_ms for c in self.choices)
-
 
 def milp_schedule(problem: PlanningProblem, budget_bytes: int, allow_swap: bool, *,
                   time_limit_s: float = TIME_LIMIT_S) -> MilpSchedule:
@@ -272,7 +267,7 @@ def _program(problem: PlanningProblem, budget_bytes: int, allow_swap: bool
     for r, coefficients in memory.items():
         program.row(coefficients, (budget_bytes - int(during[r])) / _UNIT)
     _queue_rows(problem, program, tight, exposure, gone, away)
-    holder = _holder(problem)
+    holder = problem.holders()
     for c, j in recompute.items():  # no recompute from a swapped source
         for source in _sources(problem.candidates[c], holder):
             if source in swap:
@@ -324,7 +319,7 @@ def _chain_columns(problem: PlanningProblem, program: _Program, recompute: dict[
     (reach[a, a] = r_a); for each node n of a reachable candidate's, not of
     a's own, use[a, n] >= reach[a, c] for every c holding n, at n's ms. Both
     continuous in [0, 1]: at their least, the greedy's union of lists."""
-    holder, rank = _holder(problem), problem.rank_of
+    holder, rank = problem.holders(), problem.rank_of
     sources = {a: [s for s in _sources(problem.candidates[a], holder) if s in recompute] for a in recompute}
     nodes = {c: set(problem.candidates[c].recompute_nodes) | set(problem.candidates[c].activations)
              for c in recompute}
@@ -347,10 +342,6 @@ def _chain_columns(problem: PlanningProblem, program: _Program, recompute: dict[
             use = program.column(float(problem.node_ms[rank[node]]), integer=False)
             for c in cs:
                 program.row({reach[c]: 1.0, use: -1.0}, 0.0)
-
-
-def _holder(problem: PlanningProblem) -> dict[str, int]:
-    return {name: c.index for c in problem.candidates for name in c.activations}
 
 
 def _sources(candidate: Candidate, holder: dict[str, int]) -> list[int]:
@@ -417,8 +408,7 @@ def replay(problem: PlanningProblem, budget_bytes: int, allow_swap: bool, chosen
         except BudgetError as failure:
             error = failure
             continue
-        added = sum(c.candidate.recompute_ms if c.action == "recompute" else c.exposed_ms for c in schedule.choices)
-        done.append((planner.repaired, added, len(done), planner, schedule))
+        done.append((planner.repaired, schedule.added_ms, len(done), planner, schedule))
     if not done:
         raise error
     _, _, _, planner, schedule = min(done)

@@ -97,6 +97,11 @@ class PlanningProblem:
     def rank_of(self) -> dict[str, int]:
         return {name: rank for rank, name in enumerate(self.node_names)}
 
+    def holders(self) -> dict[str, int]:
+        """Activation name -> index of the candidate holding its storage
+        (the values recompute lists name as sources)."""
+        return {name: c.index for c in self.candidates for name in c.activations}
+
 
 def graph_fingerprint(nodes: list[dict]) -> str:
     """A digest of the graph's nodes (names and targets, in order): a plan
