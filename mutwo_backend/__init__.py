@@ -9,11 +9,13 @@ from .profiler import GraphProfiler, profile_train_step
 from .report import Report
 from .backend import get_report, mutwo_profile, register
 from planner import BudgetError, Plan, plan_memory  # Stage 2 (the planner package, beside passes)
+from .runtime import OptimizedStep, RewriteError, optimize_train_step, rewrite
 
 register()
 
 __all__ = [
     "BudgetError", "CaptureError", "GraphProfiler", "InputRole", "MutwoError", "NodeExecutionError",
-    "Plan", "ProfilingInterpreter", "Report", "SEPFunction", "StepDoesNotFitError", "TrainStepGraph", "capture_train_step",
-    "get_report", "mutwo_profile", "plan_memory", "profile_train_step", "sep",
+    "OptimizedStep", "Plan", "ProfilingInterpreter", "Report", "RewriteError", "SEPFunction", "StepDoesNotFitError",
+    "TrainStepGraph", "capture_train_step", "get_report", "mutwo_profile", "optimize_train_step", "plan_memory",
+    "profile_train_step", "rewrite", "sep",
 ]

@@ -13,7 +13,7 @@ from passes import GraphAnalysis, GraphHints, run_pipeline
 
 from .arguments import check_module_depth, check_profile_arguments
 from .assemble import DEFAULT_MODULE_DEPTH, assemble_report
-from .capture import capture_train_step
+from .capture import TrainStepGraph, capture_train_step
 from .device_memory import check_step_fits, out_of_memory_explained
 from .interpreter import ProfilingInterpreter, swap_points
 from .optimizers import new_state_removed_on_error
@@ -109,8 +109,8 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int | None =
     if report_dir:
         check_report_dir(report_dir)
     with PlotProcesses() if report_dir else contextlib.nullcontext() as plot_processes:
-        report, phases = _profile_train_step(train_step, model, optimizer, args, warmup, iters, timer, swap,
-                                             model_name, module_depth)
+        report, phases, _ = profile_captured_step(train_step, model, optimizer, args, warmup, iters, timer, swap,
+                                                  model_name, module_depth)
         if report_dir:
             report.add_meta(phase_seconds=dict(phases.seconds))  # (report.json's: all but the saving)
             with phases.phase("save"):
@@ -118,8 +118,10 @@ def profile_train_step(train_step, model, optimizer, *args, warmup: int | None =
     return report.add_meta(phase_seconds=phases.seconds)
 
 
-def _profile_train_step(train_step, model, optimizer, args, warmup, iters, timer, swap,
-                        model_name, module_depth) -> tuple[Report, PhaseLog]:
+def profile_captured_step(train_step, model, optimizer, args, warmup, iters, timer, swap, model_name,
+                          module_depth) -> tuple[Report, PhaseLog, TrainStepGraph]:
+    """profile_train_step's work, arguments checked, returning the captured
+    step too (optimize_train_step runs it rewritten)."""
     device = next(model.parameters()).device
     phases = PhaseLog()
     with new_state_removed_on_error(optimizer):  # until a real iteration runs
@@ -150,7 +152,7 @@ def _profile_train_step(train_step, model, optimizer, args, warmup, iters, timer
     with phases.phase("report"):
         report = profiler.report({"model": model_name or type(model).__name__, "capture": "train-step",
                                   "capture_method": step.capture_method, "warmup": warmup}, module_depth)
-    return report, phases
+    return report, phases, step
 
 
 def _iterations(count: int) -> str:

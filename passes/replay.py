@@ -7,8 +7,8 @@ same bits as the original run and changes no state:
   replay (a replay must not write a value kept for backward).
 - SCRATCH_STATISTICS: a training batch norm (``native_batch_norm`` on the
   CPU, cuDNN's and MIOpen's on a GPU) runs with its running statistics
-  pointed at scratch copies: its output uses the batch's statistics, so the
-  bits are the same, and the real statistics are updated once.
+  left out (None): its output uses the batch's statistics, so the bits are
+  the same, and the real statistics are updated once.
 - VIEW: ``separator.sep`` runs as a plain alias of its input, not as a
   second separator.
 - NEVER: a random op (it would draw other numbers and advance the
@@ -75,7 +75,7 @@ def functional_form(op) -> "torch._ops.OpOverload | None":
 
 def replay_op(node: fx.Node):
     """The callable a replay of ``node`` runs with the node's arguments (for
-    SCRATCH_STATISTICS, after pointing args 3 and 4 at scratch copies)."""
+    SCRATCH_STATISTICS, with args 3 and 4, the running statistics, None)."""
     rule, reason = replay_rule(node)
     if rule is Replay.NEVER:
         raise ValueError(f"{node.name} may not be replayed: {reason}")

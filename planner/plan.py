@@ -17,7 +17,8 @@ class Decision:
     """One activation's fate. ``recompute_nodes``: the report's node names
     replayed, in order, to rebuild it; ``swap_out_after`` / ``prefetch_at``:
     the node after which its copy out starts, and the node at which its
-    copy back starts. ``recompute_ms`` / ``exposed_ms`` are counted on the
+    copy back starts; ``swap_free_at``: the node before which its device
+    storage is released (where the copy out is expected to have ended). ``recompute_ms`` / ``exposed_ms`` are counted on the
     activation that holds its storage's bytes (0 on views of it)."""
 
     activation: str
@@ -28,6 +29,7 @@ class Decision:
     prefetch_at: str | None
     recompute_ms: float
     exposed_ms: float
+    swap_free_at: str | None = None
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ def build_plan(problem: PlanningProblem, data: dict, schedule: Schedule, budget:
             None if recompute else problem.node_names[choice.swap_out_after],
             None if recompute else problem.node_names[choice.prefetch_at],
             choice.candidate.recompute_ms if recompute and holds_bytes else 0.0,
-            choice.exposed_ms if holds_bytes else 0.0))
+            choice.exposed_ms if holds_bytes else 0.0,
+            None if recompute else problem.node_names[choice.away.away_from]))
     extra_ms = sum(d.recompute_ms + d.exposed_ms for d in decisions)
     notes = ["predicted time: the ops' median times (on a GPU, its kernel time) plus recompute and exposed swap "
              "time, as a CUDA graph replay runs it; run as the graph's Python code the host adds its overhead"]
