@@ -14,7 +14,8 @@ until the re-simulated peak fits the budget.
 - Algorithms E and F: once a storage is to be recomputed, every recompute
   that read it rebuilds it first (its nodes and sources join theirs), and
   its own recompute runs once more for each of them.
-- Algorithm G: the memory is re-simulated after every choice (simulate.py).
+- Algorithm G: the memory is re-simulated after every choice (simulate.py),
+  exactly as the rewriter will make the step, recompute chains and all.
 """
 
 import bisect
@@ -26,7 +27,9 @@ import numpy as np
 from .errors import BudgetError
 from .plan import size_text
 from .problem import Candidate, PlanningProblem
-from .simulate import Away, MemoryTimeline
+from .simulate import Away, MemoryTimeline, chain_transient_bytes
+
+SEARCH_WORK = 2_000_000  # nodes x choices the re-plans may cost in all (a ResNet-152's plan: about one)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,11 @@ class Choice:
     swap_out_after: int | None = None  # rank
     prefetch_at: int | None = None  # rank
 
+    @property
+    def cost_ms(self) -> float:
+        """The time it adds: its recompute's, or its copies' exposed time."""
+        return self.candidate.recompute_ms if self.action == "recompute" else self.exposed_ms
+
 
 @dataclass(frozen=True)
 class Schedule:
@@ -52,7 +60,28 @@ class Schedule:
     @property
     def added_ms(self) -> float:
         """The time its recomputes and exposed copies add to the step."""
-        return sum(c.candidate.recompute_ms if c.action == "recompute" else c.exposed_ms for c in self.choices)
+        return sum(c.cost_ms for c in self.choices)
+
+
+def greedy_schedule(problem: PlanningProblem, budget_bytes: int, allow_swap: bool) -> Schedule:
+    """The greedy's plan, then, where the graph is small enough
+    (SEARCH_WORK), the loop run again with each of its choices, costliest
+    first, left out: a choice made early for its ratio can make later
+    recomputes rebuild it over and over, and the loop never revisits it.
+    The cheapest plan that fits wins (deterministic: counted, not timed)."""
+    best = GreedyPlanner(problem, allow_swap).plan(budget_bytes)
+    work = len(problem.node_names) * max(1, len(best.choices))
+    tries = sorted(best.choices, key=lambda c: -c.cost_ms)[:SEARCH_WORK // work]
+    banned: frozenset[int] = frozenset()
+    for choice in tries:
+        trial = banned | {choice.candidate.index}
+        try:
+            schedule = GreedyPlanner(problem, allow_swap, trial).plan(budget_bytes)
+        except BudgetError:
+            continue
+        if schedule.added_ms < best.added_ms - 1e-9:
+            best, banned = schedule, trial
+    return best
 
 
 class CopyQueue:
@@ -91,11 +120,10 @@ class CopyQueue:
 class GreedyPlanner:
     """One run of the loop over ``problem``; ``plan(budget)`` returns the Schedule."""
 
-    def __init__(self, problem: PlanningProblem, allow_swap: bool):
+    def __init__(self, problem: PlanningProblem, allow_swap: bool, banned: frozenset[int] = frozenset()):
         self.problem, self.allow_swap = problem, allow_swap
         self.timeline = MemoryTimeline(problem)
-        self.free_rank = problem.storage_free_rank.copy()  # later where a recompute reads a kept value
-        self.remaining = {c.index: dataclasses.replace(c) for c in problem.candidates}
+        self.remaining = {c.index: dataclasses.replace(c) for c in problem.candidates if c.index not in banned}
         self.chosen: dict[int, Choice] = {}
         self.absorbed: set[int] = set()  # chosen recomputes that other recompute lists rebuild
         self.d2h, self.h2d = CopyQueue(), CopyQueue()
@@ -121,27 +149,28 @@ class GreedyPlanner:
                 self._recompute(candidate)
             else:
                 self._swap(candidate, budget_bytes)
+            self._simulate()
         self._keep_what_fits(budget_bytes)
         return Schedule(tuple(self.chosen.values()), self.timeline.peak_bytes, self.timeline.peak_rank)
+
+    def _simulate(self) -> None:
+        """Algorithm G: the step's memory under the choices so far."""
+        self.timeline = MemoryTimeline(self.problem, self.chosen.values())
 
     def _keep_what_fits(self, budget_bytes: int) -> None:
         """The loop never undoes a choice, and later choices can make an
         earlier one needless: keep again, costliest first, every choice the
         plan still fits without. (Not a recompute that others' recomputes
-        absorbed: they read it rebuilt. The sources it kept alive and the
-        copies it queued stay counted, so memory is over-, never
-        under-estimated.)"""
-        def cost(choice):
-            return choice.candidate.recompute_ms if choice.action == "recompute" else choice.exposed_ms
-
-        for index, choice in sorted(self.chosen.items(), key=lambda item: -cost(item[1])):
-            if index in self.absorbed or cost(choice) <= 0:
+        absorbed: they read it rebuilt. The copies a swap queued stay
+        booked, so its neighbours' times are over-, never under-estimated.)"""
+        for index, choice in sorted(self.chosen.items(), key=lambda item: -item[1].cost_ms):
+            if index in self.absorbed or choice.cost_ms <= 0:
                 continue
-            self.timeline.restore(choice.away)
-            if self.timeline.peak_bytes <= budget_bytes:
-                del self.chosen[index]
-            else:
-                self.timeline.apply(choice.away)
+            del self.chosen[index]
+            self._simulate()
+            if self.timeline.peak_bytes > budget_bytes:
+                self.chosen[index] = choice
+                self._simulate()
 
     # --- recompute (Algorithms D, E, F) ---------------------------------------
 
@@ -156,15 +185,11 @@ class GreedyPlanner:
         del self.remaining[candidate.index]
         away = Away(candidate.memory_bytes, candidate.last_fw_rank + 1, candidate.first_bw_rank,
                     candidate.recompute_transient_bytes)
-        self.timeline.apply(away)
-        self._keep_sources_until(candidate)
         self.chosen[candidate.index] = Choice(candidate, "recompute", away, 0.0)
         for other in [*self.remaining.values(), *(c.candidate for c in self.chosen.values())]:
             if other.index != candidate.index and set(candidate.activations) & set(other.recompute_srcs):
                 self._absorb(other, candidate)
                 self.absorbed.add(candidate.index)
-                if other.index in self.chosen:  # its recompute now reads chosen's sources
-                    self._keep_sources_until(other)
         for src in candidate.recompute_srcs:  # F: a source's own recompute would run once more for it
             if self.holder.get(src) in self.remaining:
                 self.remaining[self.holder[src]].recompute_count += 1
@@ -177,17 +202,8 @@ class GreedyPlanner:
         srcs = sorted((set(other.recompute_srcs) - names) | set(chosen.recompute_srcs), key=self.rank.__getitem__)
         other.recompute_nodes, other.recompute_srcs = tuple(nodes), tuple(srcs)
         other.recompute_ms = float(sum(self.problem.node_ms[self.rank[n]] for n in nodes))
+        other.recompute_transient_bytes = chain_transient_bytes(self.problem, nodes, other.storage)
         other.recomputable = other.recomputable and chosen.recomputable
-
-    def _keep_sources_until(self, candidate: Candidate) -> None:
-        """A kept value a recompute reads lives until that recompute."""
-        storages = {s for src in candidate.recompute_srcs
-                    for s in self.problem.node_storages[self.rank[src]]}
-        for storage in storages:
-            free = int(self.free_rank[storage])
-            if free < candidate.first_bw_rank:
-                self.timeline.extend(int(self.problem.storage_bytes[storage]), free + 1, candidate.first_bw_rank)
-                self.free_rank[storage] = candidate.first_bw_rank
 
     # --- swap (Algorithm C) ----------------------------------------------------
 
@@ -229,7 +245,6 @@ class GreedyPlanner:
         del self.remaining[candidate.index]
         self.d2h.book(out_start, candidate.swap_out_ms)
         self.h2d.book(in_start, candidate.swap_in_ms)
-        self.timeline.apply(away)
         self.chosen[candidate.index] = Choice(candidate, "swap", away, exposed, candidate.last_fw_rank, prefetch)
 
     # --- when no plan fits -------------------------------------------------------
@@ -238,11 +253,7 @@ class GreedyPlanner:
         """The lowest peak reached, what is live there by kind, and the
         largest activations there that stay, with why."""
         problem, peak = self.problem, self.timeline.peak_rank
-        away = {c.candidate.storage for c in self.chosen.values() if c.away.away_from <= peak < c.away.back_at}
-        by_kind: dict[str, int] = {}
-        for s in range(len(problem.storage_bytes)):
-            if problem.storage_alloc_rank[s] <= peak <= self.free_rank[s] and s not in away:
-                by_kind[problem.storage_kind[s]] = by_kind.get(problem.storage_kind[s], 0) + int(problem.storage_bytes[s])
+        by_kind = self.timeline.live_by_kind(peak)
         held = ", ".join(f"{kind} {size_text(b)}" for kind, b in sorted(by_kind.items(), key=lambda kv: -kv[1]) if b)
         staying = sorted((c for c in self.remaining.values() if c.last_fw_rank < peak < c.first_bw_rank),
                          key=lambda c: -c.memory_bytes)[:3]

@@ -9,17 +9,15 @@ in the greedy's model.
 
 The program. Memory is constrained only at *constrained ranks*: of the
 ranks whose baseline (MemoryTimeline(problem).during, offset included)
-plus every recompute transient that may land there exceeds the budget, in
-each run of consecutive ones over which no candidate's interval begins or
-ends and no transient lands, the one of most bytes. There the baseline,
-minus the bytes of every candidate away at that rank, plus the transients
-of the recomputes back at it, is at most the budget. Per candidate c
+exceeds the budget, in each run of consecutive ones over which no
+candidate's interval begins or ends, the one of most bytes. There the
+baseline, minus the bytes of every candidate away at that rank, is at most
+the budget. Per candidate c
 (ready: when c.last_fw_rank's node ends; need: when c.first_bw_rank's
 node starts):
 
 - recompute (binary, only if c.recomputable): c is away over
-  [last_fw_rank + 1, first_bw_rank) and holds recompute_transient_bytes at
-  first_bw_rank, as GreedyPlanner._recompute. Its cost is exactly the
+  [last_fw_rank + 1, first_bw_rank), as in the greedy's model. Its cost is exactly the
   greedy's merged recompute list (Algorithms E and F): c's own nodes, plus
   the nodes of every candidate reachable from c through recomputed
   sources, each node once (continuous reach and node-use columns, at
@@ -46,9 +44,9 @@ node starts):
   holding one of c's recompute_srcs is swapped (the greedy's rule).
 
 Left out, each of which only adds time or memory in the greedy's model:
-memory at the other ranks (among them where the greedy holds a kept value
-a recompute reads until that recompute, GreedyPlanner._keep_sources_until,
-which the program never counts); that a swap is away over one interval;
+memory at the other ranks and at the recompute steps the rewritten step
+runs before a reader (their copies, and the kept values they read, which
+live until then: simulate.py); that a swap is away over one interval;
 where the greedy places each copy in its queue (first fit, latest first
 for copies back, in the order of its choices) beyond the bounds above; and
 its rule that no prefetch starts inside the peak interval (the over-budget
@@ -155,11 +153,13 @@ def milp_schedule(problem: PlanningProblem, budget_bytes: int, allow_swap: bool,
     try:
         planner, schedule = replay(problem, budget_bytes, allow_swap, chosen)
     except BudgetError as error:
-        raise BudgetError(
+        failure = BudgetError(
             f"the exact solver's relaxation fits a budget of {size_text(budget_bytes)} (at {objective:.3f} ms "
-            "added), but its choices, replayed in the greedy's model (held sources, copy queues, no prefetch "
-            "inside the peak interval), do not, and "
-            f"neither does the greedy continuing from them: {error}") from None
+            "added), but its choices, replayed in the greedy's model (recompute steps and what they hold, copy "
+            "queues, no prefetch inside the peak interval), do not, and "
+            f"neither does the greedy continuing from them: {error}")
+        failure.lower_bound_ms = max(0.0, min(bound, objective))  # (still bounds any plan)
+        raise failure from None
     return MilpSchedule(schedule.choices, schedule.peak_bytes, schedule.peak_rank, objective,
                         max(0.0, min(bound, objective)), result.status == 0, chosen, planner.repaired)
 
@@ -194,17 +194,13 @@ class _Program:
 
 
 def tight_ranks(problem: PlanningProblem, budget_bytes: int) -> np.ndarray:
-    """The ranks the program constrains: of the ranks some plan could leave
-    over the budget (the baseline plus every recompute transient that may
-    land there), in each run of them over which no candidate's interval
-    begins or ends and no transient lands, the one of most baseline bytes."""
-    during = MemoryTimeline(problem).during
-    worst = during.copy()
-    edges = np.zeros(len(during) + 1, dtype=bool)
+    """The ranks the program constrains: of the ranks over the budget in the
+    baseline, in each run of them over which no candidate's interval begins
+    or ends, the one of most baseline bytes."""
+    worst = MemoryTimeline(problem).during
+    edges = np.zeros(len(worst) + 1, dtype=bool)
     for c in problem.candidates:
         edges[c.last_fw_rank + 1] = edges[c.first_bw_rank] = edges[c.first_bw_rank + 1] = True
-        if c.recomputable:
-            worst[c.first_bw_rank] += c.recompute_transient_bytes
     over = np.flatnonzero(worst > budget_bytes)
     kept, run = [], []
     for r in over:
@@ -241,8 +237,6 @@ def _program(problem: PlanningProblem, budget_bytes: int, allow_swap: bool
             j = recompute[c.index] = program.column(c.recompute_ms)
             for r in span:
                 memory[int(r)][j] = -c.memory_bytes / _UNIT
-            if is_tight[last] and c.recompute_transient_bytes:
-                memory[last][j] = c.recompute_transient_bytes / _UNIT
         if not allow_swap or not len(span):
             continue
         ready, need = float(ends[c.last_fw_rank]), float(starts[c.first_bw_rank])
@@ -364,9 +358,7 @@ def lowest_peak(problem: PlanningProblem, allow_swap: bool, time_limit_s: float 
             continue
         columns = []
         if c.recomputable:
-            j = program.column()
-            memory[last][j] = c.recompute_transient_bytes / _UNIT
-            columns.append(j)
+            columns.append(program.column())
         if allow_swap:
             columns.append(program.column())
         for j in columns:

@@ -2,7 +2,7 @@
 
 from .budget import budget_bytes
 from .errors import PlanningError
-from .greedy import GreedyPlanner, Schedule
+from .greedy import Schedule, greedy_schedule
 from .plan import Decision, Plan
 from .problem import PlanningProblem, planning_problem
 
@@ -36,7 +36,7 @@ def plan_memory(report, memory_budget, allow_swap: bool | None = None, solver: s
         from .milp import milp_schedule
         schedule = milp_schedule(problem, budget, swap)
     else:
-        schedule = GreedyPlanner(problem, swap).plan(budget)
+        schedule = greedy_schedule(problem, budget, swap)
     return build_plan(problem, graph, schedule, budget, solver)
 
 

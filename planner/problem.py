@@ -13,6 +13,8 @@ peak's excess over the simulated one (cuDNN workspaces and the like) is
 carried as ``offset_bytes``, so that predictions are of the kind
 ``max_memory_allocated`` reports."""
 
+import dataclasses
+import functools
 import hashlib
 from dataclasses import dataclass
 
@@ -78,6 +80,8 @@ class PlanningProblem:
 
     node_names: tuple[str, ...]
     node_storages: tuple[tuple[int, ...], ...]  # the storages each node's value refers to
+    node_inputs: tuple[tuple[int, ...], ...]  # the ranks of the values each node reads
+    node_in_place: np.ndarray  # bool: an in-place op (a replay runs it out of place, on a new storage)
     node_ms: np.ndarray
     node_start_ms: np.ndarray
     storage_bytes: np.ndarray
@@ -93,7 +97,7 @@ class PlanningProblem:
     on_gpu: bool
     fingerprint: str
 
-    @property
+    @functools.cached_property
     def rank_of(self) -> dict[str, int]:
         return {name: rank for rank, name in enumerate(self.node_names)}
 
@@ -140,6 +144,7 @@ def planning_problem(data: dict) -> PlanningProblem:
     swap = data["meta"]["swap_model"]
     problem = PlanningProblem(
         node_names=tuple(n["name"] for n in nodes), node_storages=tuple(tuple(n["storages"]) for n in nodes),
+        node_inputs=_input_ranks(nodes), node_in_place=np.array([_in_place(n["target"]) for n in nodes]),
         node_ms=node_ms, node_start_ms=start_ms,
         storage_bytes=storage_bytes, storage_alloc_rank=alloc, storage_free_rank=free, storage_kind=tuple(kinds),
         candidates=(), offset_bytes=max(0, measured - memory["peak_bytes"]) if measured is not None else 0,
@@ -149,6 +154,18 @@ def planning_problem(data: dict) -> PlanningProblem:
         host_to_device=CopyCost(swap["h2d_latency_ms"], swap["h2d_bandwidth_gb_s"] * 1e6),
         on_gpu=measured is not None, fingerprint=graph_fingerprint(nodes))
     return _with_candidates(problem, data)
+
+
+def _input_ranks(nodes: list[dict]) -> tuple[tuple[int, ...], ...]:
+    rank = {n["name"]: n["rank"] for n in nodes}
+    return tuple(tuple(rank[i] for i in n["inputs"]) for n in nodes)
+
+
+def _in_place(target: str) -> bool:
+    """An aten in-place op, by its name: ``relu_.default``, ``add_.Tensor``
+    (the report's target; the schema name ends with an underscore)."""
+    packet = target.split(".")[-2] if target.count(".") >= 1 else target
+    return packet.endswith("_") and not packet.startswith("_")
 
 
 def storage_accesses(nodes: list[dict]) -> dict[int, list[int]]:
@@ -197,4 +214,4 @@ def _with_candidates(problem: PlanningProblem, data: dict) -> PlanningProblem:
             recompute_nodes=ordered, recompute_srcs=tuple(sorted(srcs, key=rank.__getitem__)),
             recompute_ms=recompute_ms, recompute_transient_bytes=max(0, peak - nbytes),
             swap_out_ms=problem.device_to_host.time_ms(nbytes), swap_in_ms=problem.host_to_device.time_ms(nbytes)))
-    return PlanningProblem(**{**problem.__dict__, "candidates": tuple(candidates)})
+    return dataclasses.replace(problem, candidates=tuple(candidates))

@@ -1,12 +1,18 @@
-"""Memory under a plan, re-simulated at storage level (μ-TWO's Algorithm G,
-over storages rather than tensors: a view never looks like a saving).
+"""Memory of the step as the rewriter makes it under a set of choices,
+simulated at storage level (μ-TWO's Algorithm G, over storages rather than
+tensors: a view never looks like a saving), exactly: every recompute's
+copies are the steps they are in the rewritten graph.
 
-Every storage is live while the nodes from its allocation to its last use
-run. A dropped candidate is away from ``away_from`` (the first rank whose
-node runs without it) until ``back_at`` (the rank from which it is there
-again: its recompute's, or its prefetch's), and a recompute holds its
-intermediates at ``back_at`` too. Changes apply in place, one choice at a
-time, so the greedy re-simulates in O(ranks) per choice."""
+A storage is live from the node that allocates it to its last use. A
+recomputed storage dies at its last forward access; just before its first
+backward reader the union of the recomputes read there runs once, in graph
+order: a node that allocates in the original allocates a copy, an in-place
+node (run out of place) a new storage the size of the one it writes, a
+view nothing. A copy lives until its last read in the chain or, for a
+storage rebuilt there, until that storage's last use; what a chain reads
+lives until it is read. A swapped storage is away from ``away_from`` (its
+device copy freed before that node) to ``back_at`` (allocated again before
+that node, at its prefetch)."""
 
 from dataclasses import dataclass
 
@@ -26,30 +32,53 @@ class Away:
 
 
 class MemoryTimeline:
-    """``during[r]``: bytes live while node r runs, plus the problem's
-    measured offset: the measured kind of peak."""
+    """``during[r]``: the most bytes live while node r runs or while the
+    recompute steps just before it run, plus the problem's measured offset:
+    the measured kind of peak. ``choices``: greedy.Choice (none: the
+    profiled step, freeing every value at its last use)."""
 
-    def __init__(self, problem: PlanningProblem):
+    def __init__(self, problem: PlanningProblem, choices=()):
+        self.problem = problem
         count = len(problem.node_names)
-        change = np.zeros(count + 1, dtype=np.int64)
-        np.add.at(change, problem.storage_alloc_rank, problem.storage_bytes)
-        np.add.at(change, problem.storage_free_rank + 1, -problem.storage_bytes)
-        self.during = np.cumsum(change)[:count] + problem.offset_bytes
-
-    def apply(self, away: Away) -> None:
-        self.during[away.away_from:away.back_at] -= away.nbytes
-        self.during[away.back_at] += away.transient_bytes
-
-    def restore(self, away: Away) -> None:
-        """Undo ``apply``: the storage is kept again."""
-        self.during[away.away_from:away.back_at] += away.nbytes
-        self.during[away.back_at] -= away.transient_bytes
-
-    def extend(self, nbytes: int, first: int, last: int) -> None:
-        """Hold ``nbytes`` from rank ``first`` to ``last`` too (a kept value
-        a recompute reads after its last use)."""
-        if first <= last:
-            self.during[first:last + 1] += nbytes
+        last = problem.storage_free_rank.copy()
+        chains: dict[int, set[int]] = {}
+        rebuilt: dict[int, list[int]] = {}  # reader rank -> storages rebuilt there
+        swapped = []
+        rank = problem.rank_of if choices else {}
+        for choice in choices:
+            c = choice.candidate
+            if choice.action == "recompute":
+                last[c.storage] = c.last_fw_rank
+                chains.setdefault(c.first_bw_rank, set()).update(rank[n] for n in c.recompute_nodes)
+                rebuilt.setdefault(c.first_bw_rank, []).append(c.storage)
+            else:
+                swapped.append((c.storage, choice.away.away_from, choice.away.back_at))
+        inserted = np.zeros(count, dtype=np.int64)
+        for reader, nodes in chains.items():
+            inserted[reader] = len(nodes)
+        self.position = np.arange(count) + np.cumsum(inserted)  # of each node in the rewritten graph
+        size = count + int(inserted.sum())
+        first = self.position[problem.storage_alloc_rank]
+        end = self.position[last]
+        copies = []
+        for reader in sorted(chains):
+            copies += _chain_intervals(problem, sorted(chains[reader]), rebuilt[reader],
+                                       int(self.position[reader]) - len(chains[reader]), self.position, end)
+        nbytes = problem.storage_bytes.copy()
+        returns = []
+        for storage, away_from, back_at in swapped:
+            returns.append((int(self.position[back_at]), int(end[storage]), int(nbytes[storage])))
+            end[storage] = self.position[away_from] - 1
+        extra = np.array(copies + returns, dtype=np.int64).reshape(-1, 3)
+        self.first = np.concatenate([first, extra[:, 0]])
+        self.end = np.concatenate([end, extra[:, 1]])
+        self.nbytes = np.concatenate([nbytes, extra[:, 2]])
+        change = np.zeros(size + 1, dtype=np.int64)
+        np.add.at(change, self.first, self.nbytes)
+        np.add.at(change, self.end + 1, -self.nbytes)
+        self.during_steps = np.cumsum(change)[:size] + problem.offset_bytes
+        starts = np.concatenate([[0], self.position[:-1] + 1])
+        self.during = np.maximum.reduceat(self.during_steps, starts)
 
     @property
     def peak_bytes(self) -> int:
@@ -62,3 +91,60 @@ class MemoryTimeline:
     def over(self, budget_bytes: int) -> np.ndarray:
         """The ranks whose memory exceeds the budget."""
         return np.flatnonzero(self.during > budget_bytes)
+
+    def live_by_kind(self, rank: int) -> dict[str, int]:
+        """Bytes live while node ``rank`` runs, by the storages' kind (the
+        recomputes' copies as "recompute copies")."""
+        at = self.position[rank]
+        live = (self.first <= at) & (at <= self.end)
+        kinds = [*self.problem.storage_kind, *["recompute copies"] * (len(self.first) - len(self.problem.storage_kind))]
+        totals: dict[str, int] = {}
+        for index in np.flatnonzero(live):
+            totals[kinds[index]] = totals.get(kinds[index], 0) + int(self.nbytes[index])
+        return totals
+
+
+def _chain_intervals(problem: PlanningProblem, nodes: list[int], rebuilt: list[int], start: int,
+                     position: np.ndarray, end: np.ndarray) -> list[tuple[int, int, int]]:
+    """The copies of one reader's chain (``nodes``: ranks, in order; its
+    steps take positions from ``start``): (first, last position, bytes).
+    Extends ``end`` of the original storages it reads."""
+    copies = []  # [first, last, bytes]
+    holder: dict[int, int] = {}  # original storage -> its current copy
+    refs_of: dict[int, list[tuple[bool, int]]] = {}  # chain node -> (is a copy, copy index or storage)
+    in_chain = set(nodes)
+    for step, r in enumerate(nodes):
+        at = start + step
+        for i in problem.node_inputs[r]:
+            for is_copy, key in refs_of[i] if i in in_chain else [(False, s) for s in problem.node_storages[i]]:
+                if is_copy:
+                    copies[key][1] = max(copies[key][1], at)
+                else:
+                    end[key] = max(end[key], at)
+        storages = problem.node_storages[r]
+        written = storages[0] if problem.node_in_place[r] and storages else None
+        refs = []
+        for s in storages:
+            if problem.storage_alloc_rank[s] == r or s == written:
+                holder[s] = len(copies)
+                copies.append([at, at, int(problem.storage_bytes[s])])
+            refs.append((True, holder[s]) if s in holder else (False, s))
+        refs_of[r] = refs
+    for s in rebuilt:  # read in backward until the storage's last use
+        copies[holder[s]][1] = int(position[problem.storage_free_rank[s]])
+    return [tuple(c) for c in copies]
+
+
+def chain_transient_bytes(problem: PlanningProblem, nodes, storage: int) -> int:
+    """The most bytes a recompute's copies hold at once beyond ``storage``
+    itself (which it rebuilds), when its ``nodes`` (names) run alone."""
+    rank = problem.rank_of
+    ordered = sorted(rank[n] for n in nodes)
+    if not ordered:
+        return 0
+    position = np.full(len(problem.node_names), len(ordered), dtype=np.int64)  # the rebuilt copy outlives it
+    copies = _chain_intervals(problem, ordered, [storage], 0, position, np.zeros(len(problem.storage_bytes), np.int64))
+    live = np.zeros(len(ordered) + 1, dtype=np.int64)
+    for first, last, nbytes in copies:
+        live[first:last + 1] += nbytes
+    return max(0, int(live[:len(ordered)].max()) - int(problem.storage_bytes[storage]))

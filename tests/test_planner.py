@@ -123,7 +123,7 @@ def test_a_saved_report_plans_the_same_and_a_plan_round_trips(case, tmp_path):
     assert {"budget_bytes", "baseline_peak_bytes", "predicted_peak_bytes", "baseline_iteration_ms",
             "predicted_iteration_ms", "decisions"} <= set(data)
     assert {"activation", "memory_bytes", "action", "recompute_nodes", "swap_out_after", "prefetch_at",
-            "recompute_ms", "exposed_ms"} == set(data["decisions"][0])
+            "recompute_ms", "exposed_ms", "swap_free_at"} == set(data["decisions"][0])
 
 
 def test_predicted_time_adds_recompute_and_exposed_swap_to_the_baseline(case):

@@ -4,6 +4,7 @@ program's optimum bounds the greedy's added time from below, and the
 greedy's predicted time is compared with that optimum (the issue asks for
 10%)."""
 
+import dataclasses
 import functools
 import json
 
@@ -91,15 +92,46 @@ CASES = [(model, mode, share) for model in MODELS for mode in MODES for share in
 CASE_IDS = [f"{model}-{mode}-{int(share * 100)}%" for model, mode, share in CASES]
 
 
+EXHAUSTIVE_PLANS = 2187  # up to 7 candidates with swaps (3 actions each), 11 without
+
+
+@functools.lru_cache(maxsize=None)
+def optimum_added_ms(model: str, mode: str, share: float) -> tuple[float, str]:
+    """The least time any plan of the greedy's model adds, and how it is
+    known: where there are few enough candidates, the best of every plan
+    the greedy's loop can make (restricted to each subset of candidates
+    and actions); else the program's lower bound, which is at most that."""
+    result = outcome(model, mode, share)
+    data = report_for(model, mode)
+    problem = planning_problem(data)
+    actions = ("recompute",) if mode == "recompute" else ("recompute", "swap")
+    count = len(problem.candidates)
+    if (len(actions) + 1) ** count > EXHAUSTIVE_PLANS:
+        return result["schedule"].lower_bound_ms, "lower bound"
+    best = np.inf
+    for code in range((len(actions) + 1) ** count):
+        chosen = {}
+        for index in range(count):
+            code, action = divmod(code, len(actions) + 1)
+            if action:
+                chosen[index] = actions[action - 1]
+        try:
+            schedule = _Replay(problem, mode != "recompute", chosen, order=(actions,)).plan(result["budget"])
+        except BudgetError:
+            continue
+        best = min(best, schedule.added_ms)
+    return best, "every plan"
+
+
 def ratio(case: tuple) -> float | None:
     """Greedy's predicted iteration time over the optimum's (baseline plus
-    the program's lower bound); None where the greedy or the program's
-    replay finds no plan."""
+    optimum_added_ms); None where the greedy or the program's replay finds
+    no plan."""
     result = outcome(*case)
     greedy, schedule = result["greedy"], result["schedule"]
     if isinstance(greedy, BudgetError) or isinstance(schedule, BudgetError):
         return None
-    return greedy.predicted_iteration_ms / (result["baseline_ms"] + schedule.lower_bound_ms)
+    return greedy.predicted_iteration_ms / (result["baseline_ms"] + optimum_added_ms(*case)[0])
 
 
 def ratio_table() -> str:
@@ -110,8 +142,9 @@ def ratio_table() -> str:
         if isinstance(schedule, BudgetError):
             rows.append(f"{name:34s} greedy {_ms(greedy, result):>12s}  milp: {str(schedule)[:70]}")
             continue
+        optimum, how = optimum_added_ms(*case)
         rows.append(f"{name:34s} greedy {_ms(greedy, result):>12s}  milp plan {_ms(milp, result):>12s}  "
-                    f"lower bound +{schedule.lower_bound_ms:9.3f} ms  "
+                    f"lower bound +{schedule.lower_bound_ms:9.3f} ms  optimum ({how}) +{optimum:9.3f} ms  "
                     + (f"ratio {r:.4f}" if r is not None else "ratio -"))
     worst = max((ratio(c), n) for c, n in zip(CASES, CASE_IDS) if ratio(c) is not None)
     return "\n".join(rows + [f"worst greedy/optimum ratio {worst[0]:.4f} ({worst[1]})"])
@@ -149,23 +182,16 @@ def test_both_solvers_fit_and_the_program_bounds_the_greedy_from_below(case):
         assert schedule.lower_bound_ms <= greedy_added + 1e-6, (schedule.lower_bound_ms, greedy_added)
 
 
-# Where the greedy's predicted iteration time exceeded 1.10 x the optimum's in some of 16 runs on this CPU (2
-# shared cores; each run profiles anew, so times move by a few %). Not strict: some runs pass. Closest of the
-# rest: tied-*-60% (1.00-1.09), mlp-recompute-60% (1.00-1.07).
-_OVERDROP = ("the greedy keeps a recompute that its later choices made unnecessary (add_1, 4 to 8 ms): its plan "
-             "without it fits, at the program's optimum; it never revisits a choice")
-_SWAP_PICK = ("the greedy weighs only the swap candidate of longest inactive time against the best recompute "
-              "(first 64-byte batch norm statistics, which free nothing, then convolution, whose copies would show), "
-              "so it recomputes detach (1.15 ms) where the program swaps it (0.05 ms exposed)")
+# Where the greedy's predicted iteration time exceeded 1.10 x the optimum's in some runs on this CPU (2 shared
+# cores; each run profiles anew, so times move by a few %). Not strict: most runs pass. These CNN cases have too
+# many candidates to try every plan, so their optimum is the program's lower bound, which leaves out the memory of
+# the recompute steps (simulate.py) and so may lie below every plan; the tied model's, tried exhaustively, is
+# met exactly.
+_LOOSE_BOUND = ("ratio 1.05-1.13 against the program's lower bound over 4 runs (e.g. greedy +7.64 ms vs bound "
+                "+4.60 ms, the program's own plan +12.50 ms)")
 GREEDY_OVER_10_PERCENT = {
-    "cnn-batchnorm-recompute-40%": "ratio 1.00-1.13 over 16 runs (e.g. greedy +13.08 ms vs optimum +7.43 ms, "
-                                   "baseline ~31 ms): " + _OVERDROP,
-    "cnn-batchnorm-recompute-60%": "ratio 1.10-1.18 over 16 runs (e.g. greedy +23.39 ms vs optimum +15.05 ms): "
-                                   + _OVERDROP,
-    "cnn-batchnorm-slow-copies-40%": "ratio 1.02-1.20 over 16 runs (e.g. greedy +13.08 ms vs optimum +5.50 ms): "
-                                     + _SWAP_PICK,
-    "cnn-batchnorm-slow-copies-60%": "ratio 1.16-1.31 over 16 runs (e.g. greedy +23.39 ms vs optimum +10.16 ms): "
-                                     + _SWAP_PICK + "; and " + _OVERDROP,
+    "cnn-batchnorm-recompute-60%": _LOOSE_BOUND,
+    "cnn-batchnorm-slow-copies-60%": _LOOSE_BOUND,
 }
 
 
@@ -185,7 +211,7 @@ def test_the_greedy_predicts_within_10_percent_of_the_optimum(case):
         pytest.skip("no plan of the greedy's, or of the program's, for this budget")
     result = outcome(*case)
     greedy = result["greedy"].predicted_iteration_ms
-    optimum = result["baseline_ms"] + result["schedule"].lower_bound_ms
+    optimum = result["baseline_ms"] + optimum_added_ms(*case)[0]
     assert greedy <= 1.10 * optimum, (
         f"greedy {greedy:.3f} ms > 1.10 x optimum {optimum:.3f} ms (ratio {r:.4f}); all cases:\n{ratio_table()}")
 
@@ -305,13 +331,14 @@ def _hand_problem() -> PlanningProblem:
 
     problem = PlanningProblem(
         node_names=names, node_storages=tuple((storages[n],) if n in storages else () for n in names),
+        node_inputs=((), (0,), (0,), (2,), (), (3,), (1,)), node_in_place=np.zeros(len(names), dtype=bool),
         node_ms=node_ms, node_start_ms=np.concatenate([[0.0], np.cumsum(node_ms)[:-1]]),
         storage_bytes=sizes, storage_alloc_rank=alloc, storage_free_rank=free,
         storage_kind=("INPUT", "ACT", "OTHER", "ACT", "OTHER"),
         candidates=(candidate(0, 1, "b", 1, 6, ("x",), 5.0), candidate(1, 3, "a", 3, 5, ("v",), 1.0)),
         offset_bytes=0, baseline_peak_bytes=0, baseline_iteration_ms=float(node_ms.sum()),
         device_to_host=copies, host_to_device=copies, on_gpu=False, fingerprint="hand")
-    return PlanningProblem(**{**problem.__dict__, "baseline_peak_bytes": MemoryTimeline(problem).peak_bytes})
+    return dataclasses.replace(problem, baseline_peak_bytes=MemoryTimeline(problem).peak_bytes)
 
 
 def test_choices_the_greedy_model_cannot_fit_are_repaired_by_the_greedy_and_said_so():
@@ -355,8 +382,8 @@ def test_the_lower_bound_holds_for_every_plan_the_greedys_loop_can_make():
         budget = budget_for(data, share)
         try:
             bound = milp_schedule(problem, budget, allow_swap=True).lower_bound_ms
-        except BudgetError:
-            bound = np.inf  # the relaxation cannot fit it: no plan may
+        except BudgetError as error:  # the relaxation cannot fit it (no plan may), or its choices cannot
+            bound = getattr(error, "lower_bound_ms", np.inf)
         for code in range(3 ** count):
             actions = {}
             for index in range(count):

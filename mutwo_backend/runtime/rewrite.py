@@ -223,12 +223,14 @@ class _Rewriter:
             flat = self.graph.call_method("wait", (back,))
             for act in acts:
                 self._redirect(act, self._view_on(flat, act))
-        if self.fake_mode is not None:
-            with self.fake_mode:
-                size = self.storages.nbytes[self.storages.refs[host][0]]
-                flat.meta["val"] = torch.empty(size, dtype=torch.uint8, device=host.meta["val"].device)
-                for view in list(flat.users):
-                    view.meta["val"] = storage_view(flat.meta["val"], *view.args[1:])
+        with self.fake_mode or contextlib.nullcontext():  # the values the passes read
+            original = host.meta["val"]
+            out.meta["val"] = torch.empty(0, dtype=torch.uint8, device=original.device).set_(
+                original.untyped_storage())  # the device storage, held until freed
+            back.meta["val"] = flat.meta["val"] = torch.empty(
+                self.storages.nbytes[self.storages.refs[host][0]], dtype=torch.uint8, device=original.device)
+            for view in list(flat.users):
+                view.meta["val"] = storage_view(flat.meta["val"], *view.args[1:])
 
     def _view_on(self, flat: fx.Node, act: fx.Node) -> fx.Node:
         value = act.meta["val"]
