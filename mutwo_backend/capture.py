@@ -93,6 +93,7 @@ class TrainStepGraph:
         self.traced_arguments = traced_arguments
         # "recorded" (a real step on copies of the state) or "traced" (make_fx on fake tensors)
         self.capture_method = capture_method
+        self.optimizer_params = _optimizer_params(optimizer)  # (ids: a step must not train others)
 
     @property
     def hints(self) -> GraphHints:
@@ -122,6 +123,7 @@ class TrainStepGraph:
         """One real training iteration; ``executor`` (default: the graph's own
         code, fused Adam run in place) is called with the graph's inputs, e.g.
         an interpreter."""
+        self._check_same_parameters()
         changed = _changed_hyperparameter(self.traced_hyperparameters, hyperparameters(self.optimizer))
         if changed:
             raise CaptureError(
@@ -148,6 +150,19 @@ class TrainStepGraph:
             params[name].grad = grad
         return out
 
+    def _check_same_parameters(self) -> None:
+        """The graph updates the parameters and buffers it was captured
+        with: one added since would silently not train."""
+        added = [name for name, _ in self.model.named_parameters() if name not in set(self.param_names)]
+        added += [name for name, _ in self.model.named_buffers() if name not in set(self.buffer_names)]
+        if added:
+            raise CaptureError(
+                f"the model has {', '.join(added[:3])}{' and more' if len(added) > 3 else ''} since the step "
+                "was captured, which the graph would leave untrained: capture the step again.")
+        if _optimizer_params(self.optimizer) != self.optimizer_params:
+            raise CaptureError("the optimizer's parameters changed since the step was captured (a parameter "
+                               "group added or removed), which the graph does not know: capture the step again.")
+
     def summary(self, top: int = 15) -> str:
         """Node count, the most frequent ops, and where the markers sit."""
         nodes = list(self.gm.graph.nodes)
@@ -163,6 +178,10 @@ class TrainStepGraph:
         width = max((len(op) for op, _ in ops.most_common(top)), default=0)
         lines += [f"  {op:<{width}}  {count:>6}" for op, count in ops.most_common(top)]
         return "\n".join(lines)
+
+
+def _optimizer_params(optimizer: torch.optim.Optimizer) -> list[int]:
+    return [id(p) for group in optimizer.param_groups for p in group["params"]]
 
 
 def capture_train_step(train_step: Callable, model: nn.Module,

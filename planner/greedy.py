@@ -143,7 +143,7 @@ class GreedyPlanner:
             if swap is not None:
                 options.append((self._swap_overhead(swap, budget_bytes)[0], 1, swap, "swap"))
             if not options:
-                raise BudgetError(self._floor_message(budget_bytes))
+                raise BudgetError(self._floor_message(budget_bytes), self.timeline.peak_bytes)
             _, _, candidate, action = min(options, key=lambda option: option[:2])
             if action == "recompute":
                 self._recompute(candidate)

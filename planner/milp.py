@@ -141,7 +141,7 @@ def milp_schedule(problem: PlanningProblem, budget_bytes: int, allow_swap: bool,
     result = program.solve(time_limit_s)
     if result.status == 2:  # infeasible: the relaxation's lowest peak
         floor, rank = lowest_peak(problem, allow_swap, time_limit_s)
-        raise BudgetError(_floor_message(problem, budget_bytes, floor, rank, allow_swap))
+        raise BudgetError(_floor_message(problem, budget_bytes, floor, rank, allow_swap), floor)
     if result.x is None:
         raise PlanningError(
             f"the exact solver found no plan within its time limit of {time_limit_s:g} s ({result.message}): "
@@ -157,7 +157,7 @@ def milp_schedule(problem: PlanningProblem, budget_bytes: int, allow_swap: bool,
             f"the exact solver's relaxation fits a budget of {size_text(budget_bytes)} (at {objective:.3f} ms "
             "added), but its choices, replayed in the greedy's model (recompute steps and what they hold, copy "
             "queues, no prefetch inside the peak interval), do not, and "
-            f"neither does the greedy continuing from them: {error}")
+            f"neither does the greedy continuing from them: {error}", error.lowest_peak_bytes)
         failure.lower_bound_ms = max(0.0, min(bound, objective))  # (still bounds any plan)
         raise failure from None
     return MilpSchedule(schedule.choices, schedule.peak_bytes, schedule.peak_rank, objective,

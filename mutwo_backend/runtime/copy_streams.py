@@ -37,11 +37,13 @@ class InFlight:
     def __init__(self, device_bytes: torch.Tensor, done):
         self.device_bytes, self.done = device_bytes, done
 
-    def free(self) -> None:
-        """Drop the device storage once the copy out has read it."""
+    def free(self) -> "InFlight":
+        """Drop the device storage once the copy out has read it; the
+        copy, for swap_in to wait on."""
         if self.done is not None:
             torch.cuda.current_stream(self.device_bytes.device).wait_event(self.done)
         self.device_bytes = None
+        return self
 
     def wait(self) -> torch.Tensor:
         """The storage brought back, once the compute stream may read it."""

@@ -198,13 +198,10 @@ class _Rewriter:
     # --- swap ------------------------------------------------------------------
 
     def _swap(self, swaps: list[tuple]) -> None:
-        sizes = []
-        for acts, decision, first_reader in swaps:
-            key = self.storages.refs[acts[0]][0]
-            index = len(sizes)
-            sizes.append(self.storages.nbytes[key])
+        self.gm.add_submodule(SWAP_MODULE, CopyStreams([self.storages.nbytes[self.storages.refs[acts[0]][0]]
+                                                        for acts, _, _ in swaps]))
+        for index, (acts, decision, first_reader) in enumerate(swaps):
             self._swap_one(index, acts, decision, first_reader)
-        self.gm.add_submodule(SWAP_MODULE, CopyStreams(sizes))
 
     def _swap_one(self, index: int, acts: list[fx.Node], decision, first_reader: fx.Node) -> None:
         last_fw = self._node(decision.swap_out_after)
@@ -216,9 +213,9 @@ class _Rewriter:
         with self.graph.inserting_after(streams):
             out = self.graph.call_method("swap_out", (streams, index, host))
         with self.graph.inserting_before(free_at):
-            self.graph.call_method("free", (out,))
+            freed = self.graph.call_method("free", (out,))  # (holds no tensor: the storage is not read later)
         with self.graph.inserting_before(prefetch):
-            back = self.graph.call_method("swap_in", (streams, index, out))
+            back = self.graph.call_method("swap_in", (streams, index, freed))
         with self.graph.inserting_before(first_reader):
             flat = self.graph.call_method("wait", (back,))
             for act in acts:
