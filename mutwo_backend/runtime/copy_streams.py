@@ -63,6 +63,7 @@ class CopyStreams(nn.Module):
         self.offsets = [sum(self.sizes[:i]) for i in range(len(self.sizes))]
         self.slab: torch.Tensor | None = None
         self.device = self.device_to_host = self.host_to_device = None
+        self.timings: list | None = None  # [] to time the copies (not inside a CUDA graph's capture)
 
     def _prepare(self, device: torch.device) -> None:
         cuda = device.type == "cuda"
@@ -83,9 +84,7 @@ class CopyStreams(nn.Module):
             return InFlight(device_bytes, None)
         self.device_to_host.wait_stream(torch.cuda.current_stream(value.device))
         with torch.cuda.stream(self.device_to_host):
-            self.slot(index).copy_(device_bytes, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+            done = self._copy(self.slot(index), device_bytes, "device_to_host")
         return InFlight(device_bytes, done)
 
     def swap_in(self, index: int, out: InFlight) -> InFlight:
@@ -96,7 +95,24 @@ class CopyStreams(nn.Module):
         self.host_to_device.wait_stream(torch.cuda.current_stream(self.device))  # the prefetch point
         self.host_to_device.wait_event(out.done)  # the slot holds the copy out
         with torch.cuda.stream(self.host_to_device):
-            device_bytes.copy_(self.slot(index), non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
+            done = self._copy(device_bytes, self.slot(index), "host_to_device")
         return InFlight(device_bytes, done)
+
+    def _copy(self, destination: torch.Tensor, source: torch.Tensor, direction: str):
+        """One copy on the current (copy) stream; the event that ends it."""
+        timed = self.timings is not None
+        start = torch.cuda.Event(enable_timing=True) if timed else None
+        if timed:
+            start.record()
+        destination.copy_(source, non_blocking=True)
+        done = torch.cuda.Event(enable_timing=timed)
+        done.record()
+        if timed:
+            self.timings.append((direction, source.numel(), start, done))
+        return done
+
+    def copy_times(self) -> list[dict]:
+        """The timed copies: direction, bytes and milliseconds on its stream."""
+        torch.cuda.synchronize(self.device)
+        return [{"direction": direction, "bytes": nbytes, "ms": start.elapsed_time(end)}
+                for direction, nbytes, start, end in self.timings or []]
