@@ -12,7 +12,7 @@ from torch import fx
 
 from .boundary import SEP_TARGETS, target_name
 from .kinds import FORWARD_REGIONS, NodeType
-from .replay import replay_reason
+from .replay import replay_reason, replay_sources
 from .storage import StorageMap
 
 RETAINED = (NodeType.PARAM, NodeType.BUFFER, NodeType.INPUT, NodeType.ACT, NodeType.OPT_STATE)
@@ -64,6 +64,7 @@ def recompute_subgraphs(nodes, activations, kinds, regions, rank,
                 else:
                     inside.add(source)
                     stack.append(source)
+        srcs.update(extra for node in inside for extra in replay_sources(node) if extra not in inside)
         ordered = tuple(sorted(inside, key=rank.__getitem__))
         reason = replay_reason(ordered, storages)
         infos[act] = RecomputeInfo(tuple(sorted(srcs, key=rank.__getitem__)), ordered, reason is None, reason)

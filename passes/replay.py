@@ -11,6 +11,11 @@ same bits as the original run and changes no state:
   the same, and the real statistics are updated once.
 - VIEW: ``separator.sep`` runs as a plain alias of its input, not as a
   second separator.
+- FROM_MASK: dropout on a GPU (``native_dropout``, whose mask autograd
+  keeps for backward) is rebuilt from its mask, as its backward scales a
+  gradient (``native_dropout_backward``): the generator is not drawn again.
+  (The CPU form, ``bernoulli_`` then ``div_`` into a float mask and a
+  ``mul``, needs no rule: the ``mul`` replays from the kept mask.)
 - NEVER: a random op (it would draw other numbers and advance the
   generator twice), a collective, or a write this module cannot undo.
 
@@ -19,6 +24,7 @@ it, and ``replay_reason(nodes, storages)`` decides whether a list of nodes
 may be replayed at all."""
 
 import enum
+import operator
 
 import torch
 from torch import fx
@@ -27,6 +33,7 @@ from .boundary import SEP_TARGETS, target_name
 from .kinds import BATCH_NORM_TARGETS, batch_norm_statistics
 from .storage import StorageMap
 
+NATIVE_DROPOUT = "aten.native_dropout.default"
 COLLECTIVE_MARKERS = ("c10d", "_functional_collectives", "all_reduce", "all_gather", "reduce_scatter")
 
 
@@ -35,6 +42,7 @@ class Replay(enum.Enum):
     OUT_OF_PLACE = "out_of_place"
     SCRATCH_STATISTICS = "scratch_statistics"
     VIEW = "view"
+    FROM_MASK = "from_mask"
     NEVER = "never"
 
 
@@ -43,6 +51,10 @@ def replay_rule(node: fx.Node) -> tuple[Replay, str | None]:
     name = target_name(node)
     if name in SEP_TARGETS:
         return Replay.VIEW, None
+    if name == NATIVE_DROPOUT:
+        if dropout_mask(node) is None:
+            return Replay.NEVER, f"dropout {node.name} whose mask nothing keeps: a replay would draw other numbers"
+        return Replay.FROM_MASK, None
     if torch.Tag.nondeterministic_seeded in getattr(node.target, "tags", ()):
         return Replay.NEVER, f"random op {name} ({node.name}): a replay would draw other numbers"
     if any(marker in name for marker in COLLECTIVE_MARKERS):
@@ -55,6 +67,34 @@ def replay_rule(node: fx.Node) -> tuple[Replay, str | None]:
     if functional_form(node.target) is None:
         return Replay.NEVER, f"mutation {name} ({node.name}): a replay would apply it twice"
     return Replay.OUT_OF_PLACE, None
+
+
+def dropout_mask(node: fx.Node) -> fx.Node | None:
+    """The node holding ``native_dropout``'s mask (its output 1), if any."""
+    return next((u for u in node.users if u.target is operator.getitem and u.args[1] == 1), None)
+
+
+def dropout_from_mask(value: torch.Tensor, mask: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``native_dropout(value, p, True)`` again, from the mask it drew:
+    the op autograd differentiates it with, applied to the value."""
+    return torch.ops.aten.native_dropout_backward.default(value, mask, 0.0 if p == 1 else 1.0 / (1.0 - p)), mask
+
+
+def replay_sources(node: fx.Node) -> tuple[fx.Node, ...]:
+    """Values a replay of ``node`` reads beyond its own inputs (dropout's mask)."""
+    mask = dropout_mask(node) if target_name(node) == NATIVE_DROPOUT else None
+    return (mask,) if mask is not None else ()
+
+
+def replay_args(node: fx.Node, args: tuple) -> tuple:
+    """The arguments a replay of ``node`` calls ``replay_op(node)`` with,
+    from the node's own (its inputs already replaced by their copies)."""
+    rule, _ = replay_rule(node)
+    if rule is Replay.SCRATCH_STATISTICS:  # no running statistics: the batch's are used, nothing is updated
+        return (*args[:3], None, None, *args[5:])
+    if rule is Replay.FROM_MASK:  # the value, the kept mask, p
+        return args[0], dropout_mask(node), args[1]
+    return args
 
 
 def functional_form(op) -> "torch._ops.OpOverload | None":
@@ -74,8 +114,7 @@ def functional_form(op) -> "torch._ops.OpOverload | None":
 
 
 def replay_op(node: fx.Node):
-    """The callable a replay of ``node`` runs with the node's arguments (for
-    SCRATCH_STATISTICS, with args 3 and 4, the running statistics, None)."""
+    """The callable a replay of ``node`` runs, with ``replay_args``."""
     rule, reason = replay_rule(node)
     if rule is Replay.NEVER:
         raise ValueError(f"{node.name} may not be replayed: {reason}")
@@ -83,6 +122,8 @@ def replay_op(node: fx.Node):
         return functional_form(node.target)
     if rule is Replay.VIEW:
         return torch.ops.aten.alias.default
+    if rule is Replay.FROM_MASK:
+        return dropout_from_mask
     return node.target
 
 
@@ -96,6 +137,9 @@ def replay_reason(nodes, storages: StorageMap | None = None) -> str | None:
         rule, reason = replay_rule(node)
         if rule is Replay.NEVER:
             return reason
+        if rule is Replay.FROM_MASK and dropout_mask(node) in nodes:
+            return (f"dropout {node.name}'s mask ({dropout_mask(node).name}) is random: it can be kept or swapped, "
+                    "not rebuilt")
         if rule is Replay.OUT_OF_PLACE:
             written = node.args[0]
             keys = storages.refs.get(written, ()) if storages and isinstance(written, fx.Node) else ()

@@ -38,6 +38,22 @@ class SmallCNN(nn.Module):
         return self.head(x.mean((2, 3)))
 
 
+class NativeDropoutMLP(nn.Module):
+    """Linear, GELU and ``native_dropout`` blocks: dropout as a GPU capture
+    records it (the CPU's records ``bernoulli_``), here on any device."""
+
+    def __init__(self, width=256, depth=6, p=0.1):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+        self.head = nn.Linear(width, 10)
+        self.p = p
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = torch.ops.aten.native_dropout.default(nn.functional.gelu(layer(x)), self.p, True)[0]
+        return self.head(x)
+
+
 class TiedLM(nn.Module):
     """An embedding whose weight is also the output layer's."""
 

@@ -12,7 +12,8 @@ from torch import fx, nn
 
 import mutwo_backend
 from passes import run_pipeline
-from passes.replay import Replay, functional_form, replay_op, replay_reason, replay_rule
+from passes.replay import Replay, functional_form, replay_args, replay_op, replay_reason, replay_rule
+from planner_models import NativeDropoutMLP  # (tests/)
 
 aten = torch.ops.aten
 
@@ -34,10 +35,11 @@ def test_an_in_place_op_replays_as_its_functional_form_with_the_same_bits(inplac
 def test_ops_that_may_not_be_replayed_say_why():
     graph = fx.Graph()
     x = graph.placeholder("x")
-    for op in (aten.bernoulli_.float, aten.native_dropout.default, aten.rand_like.default):
-        rule, reason = replay_rule(graph.call_function(op, (x, 0.5) if "dropout" in str(op) or "bernoulli" in str(op)
-                                                       else (x,)))
+    for op in (aten.bernoulli_.float, aten.rand_like.default):
+        rule, reason = replay_rule(graph.call_function(op, (x, 0.5) if "bernoulli" in str(op) else (x,)))
         assert rule is Replay.NEVER and reason.startswith("random op")
+    rule, reason = replay_rule(graph.call_function(aten.native_dropout.default, (x, 0.5, True)))
+    assert rule is Replay.NEVER and "whose mask nothing keeps" in reason  # no getitem of its mask
     rule, reason = replay_rule(graph.call_function(aten._native_batch_norm_legit.default, (x,) * 5 + (True, 0.1, 1e-5)))
     assert rule is Replay.NEVER and "mutation" in reason  # a write this module does not know how to undo
     sep = graph.call_function(torch.ops.separator.sep.default, (x,))
@@ -130,8 +132,8 @@ def test_every_recomputable_activation_replays_to_the_bits_of_the_original_run()
             if node.target is operator.getitem:
                 env[node] = operator.getitem(*args)
                 continue
-            if rule is Replay.SCRATCH_STATISTICS:
-                args = args[:3] + tuple(a.clone() for a in args[3:5]) + args[5:]
+            args = replay_args(node, args)
+            args = tuple(env[a] if isinstance(a, fx.Node) else a for a in args)  # (dropout's kept mask)
             env[node] = replay_op(node)(*args, **kwargs)
         got, expected = env[activation], runner.values[activation]
         assert torch.equal(got, expected), activation.name
@@ -146,3 +148,33 @@ def test_an_in_place_write_to_a_kept_value_is_not_replayed():
     relu = graph.call_function(aten.relu_.default, (kept,))
     assert replay_rule(relu) == (Replay.OUT_OF_PLACE, None)
     assert "writes a value the replay does not rebuild" in replay_reason([relu])
+
+
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))])
+def test_dropout_replays_from_its_kept_mask_with_the_same_bits_and_no_draw(device):
+    """native_dropout (the GPU's dropout; called directly here, so on any
+    device) is rebuilt from its mask: the same bits, the generator not
+    drawn. The mask itself is random: kept or swapped, never rebuilt."""
+    torch.manual_seed(0)
+    x = torch.randn(512, 256, device=device)
+    out, mask = aten.native_dropout.default(x, 0.1, True)
+    state = torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+    graph = fx.Graph()
+    node = graph.call_function(aten.native_dropout.default, (graph.placeholder("x"), 0.1, True))
+    kept = graph.call_function(operator.getitem, (node, 1))
+    assert replay_rule(node) == (Replay.FROM_MASK, None)
+    value, replayed_mask = replay_op(node)(*[{kept: mask}.get(a, a) for a in replay_args(node, (x, 0.1, True))])
+    assert torch.equal(value, out) and replayed_mask is mask
+    assert torch.equal(state, torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state())
+    assert "is random: it can be kept or swapped" in replay_reason([node, kept])
+
+    torch.manual_seed(0)
+    model = NativeDropoutMLP(width=32, depth=2).to(device)
+    step = mutwo_backend.capture_train_step(classify_step, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                            torch.randn(8, 32, device=device), torch.randint(0, 10, (8,), device=device))
+    recompute = run_pipeline(step.gm, step.hints).recompute
+    outputs = [a for a in recompute if a.target is operator.getitem and a.args[1] == 0
+               and str(a.args[0].target) == "aten.native_dropout.default"]
+    assert outputs and all(recompute[a].recomputable and recompute[a].nodes[-2:] == (a.args[0], a) for a in outputs)
+    assert all(any(s.target is operator.getitem and s.args[1] == 1 for s in recompute[a].srcs) for a in outputs)

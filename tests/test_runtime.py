@@ -15,7 +15,8 @@ from mutwo_backend import BudgetError, CaptureError, RewriteError, optimize_trai
 from mutwo_backend.models import get_model, zoo_train_step
 from mutwo_backend.runtime.rewrite import REPLAY_OF
 from passes import NodeType, run_pipeline
-from planner_models import DeepMLP, SmallCNN, TiedLM, classify_step, token_batch  # (tests/)
+from passes.replay import dropout_from_mask
+from planner_models import DeepMLP, NativeDropoutMLP, SmallCNN, TiedLM, classify_step, token_batch  # (tests/)
 
 CPU = torch.device("cpu")
 
@@ -32,6 +33,8 @@ CASES = {
     "bert-tiny": lambda: zoo_case("bert-tiny", 4),
     "deep-mlp-dropout": lambda: (lambda: DeepMLP(dropout=0.1), classify_step,
                                  (torch.randn(1024, 256), torch.randint(0, 10, (1024,)))),
+    "native-dropout": lambda: (NativeDropoutMLP, classify_step,
+                               (torch.randn(2048, 256), torch.randint(0, 10, (2048,)))),
     "cnn-batchnorm": lambda: (SmallCNN, classify_step, (torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,)))),
     "tied": lambda: (TiedLM, classify_step, token_batch()),
 }
@@ -113,6 +116,33 @@ def test_the_rewritten_graph_frees_what_the_plan_drops_and_peaks_as_predicted(tr
         storage = analysis.storages.refs[original][0]
         assert analysis.memory.last_use_rank[storage] < min(copies[decision.activation]), decision.activation
     assert analysis.memory.peak_bytes == optimized.plan.predicted_peak_bytes, name
+    # every node a recompute list names is copied, and nothing else
+    listed = {n for d in optimized.plan.decisions if d.action == "recompute" for n in d.recompute_nodes}
+    assert set(copies) - {None} == listed, name
+
+
+def test_dropout_is_rebuilt_from_its_mask_and_trains_as_eager():
+    """native_dropout (the GPU's form) rebuilt from its kept mask: the
+    generator is drawn once per step, as in eager."""
+    torch.manual_seed(0)
+    model = NativeDropoutMLP()
+    eager = copy.deepcopy(model)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    eager_optimizer = torch.optim.Adam(eager.parameters(), fused=True)
+    x, y = torch.randn(2048, 256), torch.randint(0, 10, (2048,))
+    torch.manual_seed(1)
+    optimized = optimize_train_step(classify_step, model, optimizer, x, y, memory_budget=0.6, iters=1)
+    replayed = [n for n in optimized.gm.graph.nodes if n.meta.get(REPLAY_OF, "").startswith("native_dropout")]
+    assert replayed and all(n.target is dropout_from_mask for n in replayed)
+    for _ in range(3):
+        optimized(x, y)
+    generator = torch.get_rng_state()
+    torch.manual_seed(1)
+    for _ in range(1 + 3):
+        classify_step(eager, eager_optimizer, x, y)
+    assert torch.equal(generator, torch.get_rng_state())  # drawn as often as eager draws
+    for a, b in zip(training_state(model, optimizer), training_state(eager, eager_optimizer), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_memtracker_measures_the_predicted_peak():

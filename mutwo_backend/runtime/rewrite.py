@@ -29,7 +29,7 @@ from torch._guards import detect_fake_mode
 
 from passes.boundary import find_boundary
 from passes.kinds import reads_in_backward
-from passes.replay import Replay, replay_op, replay_rule
+from passes.replay import Replay, replay_args, replay_op, replay_rule
 from passes.storage import map_storages
 from planner.problem import graph_fingerprint
 
@@ -165,9 +165,7 @@ class _Rewriter:
             return replica.get(value, value)
 
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), arg)
-        if rule is Replay.SCRATCH_STATISTICS:  # no running statistics: the batch's are used, nothing is updated
-            args = (*args[:3], None, None, *args[5:])
-        copy = self._new_node(replay_op(node), tuple(args), dict(kwargs), like=node)
+        copy = self._new_node(replay_op(node), replay_args(node, tuple(args)), dict(kwargs), like=node)
         copy.meta.update({k: v for k, v in node.meta.items() if k != "val"}, **{REPLAY_OF: node.name})
         if rule is Replay.OUT_OF_PLACE:  # its result is what later reads of the written value see
             written = node.args[0]
