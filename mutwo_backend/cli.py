@@ -1,10 +1,11 @@
-"""Command line: ``python -m mutwo_backend {profile,sweep} ...``.
+"""Command line: ``python -m mutwo_backend {profile,sweep,plan,optimize,max-batch} ...``.
 
 ``profile`` profiles one training iteration of a zoo model, prints the
 report's tables and saves the report; ``sweep`` profiles a model at several
 batch sizes, stops cleanly at the first out-of-memory and plots peak memory
-and iteration latency against the batch size. Progress goes to stderr, one
-line per phase with its duration and the time elapsed."""
+and iteration latency against the batch size. ``plan``, ``optimize`` and
+``max-batch`` are memory_commands.py's. Progress goes to stderr, one line
+per phase with its duration and the time elapsed."""
 
 import argparse
 import gc
@@ -18,6 +19,7 @@ import torch
 
 from passes import NodeType
 
+from . import memory_commands
 from .assemble import DEFAULT_MODULE_DEPTH, device_name
 from .errors import MutwoError, StepDoesNotFitError
 from .models import MODELS, get_model, zoo_train_step
@@ -72,7 +74,7 @@ def _int_at_least(minimum: int, wording: str):
     return parse
 
 
-_positive_int = _int_at_least(1, "not a positive integer")
+positive_int = _int_at_least(1, "not a positive integer")
 _non_negative_int = _int_at_least(0, "negative")
 
 
@@ -81,18 +83,18 @@ def _batch_sizes(text: str) -> list[int]:
     sizes = []
     for part in text.split(","):
         try:
-            sizes.append(_positive_int(part.strip()))
+            sizes.append(positive_int(part.strip()))
         except argparse.ArgumentTypeError:
             raise argparse.ArgumentTypeError(
                 f"invalid batch sizes {text!r}: give positive integers separated by commas, e.g. 4,8,16") from None
     return sorted(set(sizes))
 
 
-def _add_run_options(parser: argparse.ArgumentParser, out_default: str) -> None:
-    """Flags that ``profile`` and ``sweep`` share."""
+def add_model_options(parser: argparse.ArgumentParser, out_default: str) -> None:
+    """Flags of every command that builds and profiles a zoo model."""
     parser.add_argument("--model", choices=sorted(MODELS), default="resnet152",
                         help="zoo model, built with random weights; nothing is downloaded (default: resnet152)")
-    parser.add_argument("--seq-len", type=_positive_int, default=None, metavar="L",
+    parser.add_argument("--seq-len", type=positive_int, default=None, metavar="L",
                         help="sequence length of the BERT models (default: 512 for bert, 64 for bert-tiny); "
                              "ignored by the other models")
     parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
@@ -100,11 +102,23 @@ def _add_run_options(parser: argparse.ArgumentParser, out_default: str) -> None:
     parser.add_argument("--warmup", type=_non_negative_int, default=None, metavar="K",
                         help="warm-up iterations, not measured (default: none after a recorded train-step "
                              "capture, which ran the step on the device; 1 otherwise)")
-    parser.add_argument("--iters", type=_positive_int, default=3, metavar="K",
+    parser.add_argument("--iters", type=positive_int, default=3, metavar="K",
                         help="measured iterations; node times are their medians (default: 3)")
     parser.add_argument("--timer", choices=TIMERS, default=None,
                         help="per-node timer: cpu (host clock), cuda-events (an event pair per node) or "
                              "cupti (kernel times attributed to nodes) (default: cupti on cuda, cpu on cpu)")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam",
+                        help="adam and adamw are fused; sgd uses momentum 0.9 (default: adam)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch (default: 0)")
+    parser.add_argument("--out", default=out_default, metavar="DIR",
+                        help=f"directory the results are written to, checked writable before anything runs "
+                             f"(default: {out_default})")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def _add_run_options(parser: argparse.ArgumentParser, out_default: str) -> None:
+    """Flags that ``profile`` and ``sweep`` share."""
+    add_model_options(parser, out_default)
     parser.add_argument("--swap", choices=["model", "measure"], default="model",
                         help="swap times from the latency + bandwidth model only, or also measured by really "
                              "copying every activation to pinned host memory and back (default: model)")
@@ -112,36 +126,31 @@ def _add_run_options(parser: argparse.ArgumentParser, out_default: str) -> None:
                         help="train-step: forward, loss, backward and optimizer step traced as one graph; "
                              "compile: torch.compile(model, backend='mutwo_profile') in an ordinary training "
                              "loop (the optimizer runs outside the graph) (default: train-step)")
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam",
-                        help="adam and adamw are fused; sgd uses momentum 0.9 (default: adam)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch (default: 0)")
-    parser.add_argument("--out", default=out_default, metavar="DIR",
-                        help=f"directory the results are written to, checked writable before anything runs "
-                             f"(default: {out_default})")
-    parser.add_argument("--module-depth", type=_positive_int, default=DEFAULT_MODULE_DEPTH, metavar="D",
+    parser.add_argument("--module-depth", type=positive_int, default=DEFAULT_MODULE_DEPTH, metavar="D",
                         help="depth of the per-module totals: 1 gives layer3, 2 layer3.4 "
                              f"(default: {DEFAULT_MODULE_DEPTH})")
     parser.add_argument("--timeline-x", choices=TIMELINE_X_AXES, default="time",
                         help="x axis of memory_timeline.png: the step's time (node medians end to end) or "
                              "node rank (graph order) (default: time)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m mutwo_backend",
-        description="Profile whole training iterations of a model at the level of its fx graph: time and "
-                    "memory per node, activation liveness, swap and recompute costs (after mu-TWO).")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{profile,sweep}")
+        description="Profile whole training iterations of a model at the level of its fx graph (time and "
+                    "memory per node, activation liveness, swap and recompute costs), then plan and run the step "
+                    "in less memory by recomputing or swapping activations (after mu-TWO).")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{profile,sweep,plan,optimize,max-batch}")
     profile = commands.add_parser(
         "profile", help="profile one batch size: print the tables, save the report",
         description="Profile warm-up + measured training iterations of a zoo model, print the report's "
                     "tables and save report.json, nodes.csv, activations.csv, trace.json, "
                     "memory_breakdown.png and memory_timeline.png under --out.")
     _add_run_options(profile, "mutwo_report")
-    profile.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+    profile.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
                          help="mini-batch size (default: 32 on cuda, 2 on cpu)")
-    profile.add_argument("--top", type=_positive_int, default=15, metavar="N",
+    profile.add_argument("--top", type=positive_int, default=15, metavar="N",
                          help="rows of the slowest-nodes and largest-activations tables (default: 15)")
     sweep = commands.add_parser(
         "sweep", help="profile several batch sizes: peak memory and latency vs batch size",
@@ -154,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated batch sizes, profiled from the smallest up, e.g. 4,8,16,32")
     sweep.add_argument("--no-reports", action="store_true",
                        help="do not save each batch size's own report, only the sweep's files")
+    memory_commands.add_commands(commands)
     return parser
 
 
@@ -369,9 +379,13 @@ def main(argv=None) -> int:
     log.addHandler(handler)
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
-        check_report_dir(args.out)  # before anything runs
-        args.device = resolve_device(args.device)
-        {"profile": profile, "sweep": sweep}[args.command](args)
+        if args.out is not None:
+            check_report_dir(args.out)  # before anything runs
+        if hasattr(args, "device"):  # (plan needs no device)
+            args.device = resolve_device(args.device)
+        {"profile": profile, "sweep": sweep, "plan": memory_commands.plan_command,
+         "optimize": memory_commands.optimize_command, "max-batch": memory_commands.max_batch_command,
+         }[args.command](args)
     except MutwoError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -143,9 +143,10 @@ def test_without_a_gpu_and_without_device_the_cpu_is_used_with_a_warning(tmp_pat
 def test_help_documents_every_flag():
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if a.choices and "profile" in a.choices).choices
-    for name in ("profile", "sweep"):
+    for name in ("profile", "sweep", "plan", "optimize", "max-batch"):
         for action in subparsers[name]._actions:
             assert action.help, f"{name} {action.option_strings} has no help"
+    for name in ("profile", "sweep"):
         text = subparsers[name].format_help()
         for flag in ["--model", "--seq-len", "--device", "--warmup", "--iters", "--timer", "--swap", "--capture",
                      "--optimizer", "--out", "--module-depth", "--timeline-x"]:
