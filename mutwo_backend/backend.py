@@ -60,13 +60,15 @@ class BackendOptions:
     after: str = "run"
     module_depth: int = DEFAULT_MODULE_DEPTH
 
+    BACKEND = "mutwo_profile"
+
     @classmethod
     def parse(cls, options: dict | None) -> "BackendOptions":
         options = dict(options or {})
         valid = [f.name for f in fields(cls)]
         unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise MutwoError(f"unknown mutwo_profile option(s) {', '.join(map(repr, unknown))}: "
+            raise MutwoError(f"unknown {cls.BACKEND} option(s) {', '.join(map(repr, unknown))}: "
                              f"valid options are {', '.join(valid)}")
         parsed = cls(**options)
         check_iterations(parsed.warmup, parsed.iters)
@@ -95,9 +97,15 @@ _WARNED_NO_GRAPH: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()  # get_
 
 def mutwo_profile(gm: fx.GraphModule, example_inputs, options: dict | None = None, **kwargs):
     """Backend entry point (registered as "mutwo_profile")."""
-    opts = BackendOptions.parse(options)
+    return compile_graph(gm, example_inputs, options, BackendOptions, DynamoGraph)
+
+
+def compile_graph(gm: fx.GraphModule, example_inputs, options: dict | None, options_type, graph_type):
+    """One dynamo graph through AOTAutograd, profiled by a ``graph_type``
+    (DynamoGraph or a subclass) of the compiled model's session."""
+    opts = options_type.parse(options)
     session = _session_for(example_inputs, options, opts)
-    graph = DynamoGraph(session, len(session.graphs), example_inputs, dynamo_input_names(gm), dynamo_model_name(gm))
+    graph = graph_type(session, len(session.graphs), example_inputs, dynamo_input_names(gm), dynamo_model_name(gm))
     session.graphs.append(graph)
     return aot_autograd(fw_compiler=graph.compile_forward, bw_compiler=graph.compile_backward,
                         inference_compiler=graph.compile_inference, partition_fn=graph.partition,
@@ -106,16 +114,8 @@ def mutwo_profile(gm: fx.GraphModule, example_inputs, options: dict | None = Non
 
 def get_report(compiled_model) -> Report | None:
     """The Report of the last completed measurement of a model compiled with
-    backend="mutwo_profile", or None before one completes."""
-    module = getattr(compiled_model, "_orig_mod", compiled_model)
-    if not isinstance(module, torch.nn.Module):
-        raise MutwoError(f"get_report takes the compiled model (or the model itself), not a "
-                         f"{type(module).__name__}: for a compiled function, pass the model it "
-                         "calls, get_report(model).")
-    sessions = {}
-    for tensor in [*module.parameters(), *module.buffers()]:
-        if tensor in _SESSIONS:
-            sessions[id(_SESSIONS[tensor])] = _SESSIONS[tensor]
+    backend="mutwo_profile" (or "mutwo"), or None before one completes."""
+    module, sessions = sessions_of(compiled_model, "get_report")
     if not sessions:
         if module not in _WARNED_NO_GRAPH:
             _WARNED_NO_GRAPH.add(module)
@@ -130,6 +130,20 @@ def get_report(compiled_model) -> Report | None:
             log.warning(message)
         return None
     return _combine_graphs(graphs, session, type(module).__name__)
+
+
+def sessions_of(compiled_model, caller: str) -> tuple[torch.nn.Module, dict]:
+    """The model and the sessions its parameters and buffers belong to."""
+    module = getattr(compiled_model, "_orig_mod", compiled_model)
+    if not isinstance(module, torch.nn.Module):
+        raise MutwoError(f"{caller} takes the compiled model (or the model itself), not a "
+                         f"{type(module).__name__}: for a compiled function, pass the model it "
+                         f"calls, {caller}(model).")
+    sessions = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        if tensor in _SESSIONS:
+            sessions[id(_SESSIONS[tensor])] = _SESSIONS[tensor]
+    return module, sessions
 
 
 def _not_measured_yet(graphs: list["DynamoGraph"], options: BackendOptions) -> tuple[str, str]:
@@ -260,9 +274,11 @@ class DynamoGraph:
         return forward, backward
 
     def compile_forward(self, gm: fx.GraphModule, example_inputs):
+        self.forward_gm = gm
         return self._runner(gm, forward=True)
 
     def compile_backward(self, gm: fx.GraphModule, example_inputs):
+        self.backward_gm = gm
         return self._runner(gm, forward=False)
 
     def compile_inference(self, gm: fx.GraphModule, example_inputs):
@@ -325,7 +341,7 @@ class DynamoGraph:
                 if self.instrumenting and self.options.warmup == 0:  # no warm-up run opens it
                     open_peak_window(wait_for_calibration=True)
             if not self.instrumenting:
-                return fast(args)
+                return self.after_profile(forward, fast)(args)
             if self.iterations < self.options.warmup:  # first-run costs, paid at full speed
                 out = fast(args)
                 self.iterations += not forward
@@ -354,6 +370,14 @@ class DynamoGraph:
         run._boxed_call = True
         return run
 
+    def after_profile(self, forward: bool, fast):
+        """What runs the forward or backward graph once the profile is done:
+        the graph as it is (a subclass runs its own)."""
+        return fast
+
+    def measured(self) -> None:
+        """Called once a report is made (a subclass plans from it)."""
+
     def _recorded(self, record: IterationRecord, ranks: np.ndarray, forward: bool) -> None:
         if forward:
             self.pending_forward.append((record, ranks))
@@ -371,6 +395,7 @@ class DynamoGraph:
                                           hints=self.hints, root_module=self.model_name,
                                           module_depth=opts.module_depth)
             self.session.graph_measured()
+            self.measured()
             if opts.after == "run":
                 self.instrumenting = False
                 self.stats.reset()
@@ -466,7 +491,11 @@ BACKEND_NAME = "mutwo_profile"
 
 
 def register() -> None:
-    """Register the backend with dynamo unless the package's entry point (or
-    an earlier import) already did."""
-    if BACKEND_NAME not in torch._dynamo.list_backends(exclude_tags=()):
-        torch._dynamo.register_backend(mutwo_profile, name=BACKEND_NAME)
+    """Register the backends with dynamo unless the package's entry points
+    (or an earlier import) already did."""
+    from .optimizing_backend import BACKEND_NAME as OPTIMIZING, mutwo
+
+    registered = torch._dynamo.list_backends(exclude_tags=())
+    for name, backend in ((BACKEND_NAME, mutwo_profile), (OPTIMIZING, mutwo)):
+        if name not in registered:
+            torch._dynamo.register_backend(backend, name=name)

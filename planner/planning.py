@@ -9,7 +9,8 @@ from .problem import PlanningProblem, planning_problem
 SOLVERS = ("greedy", "milp")
 
 
-def plan_memory(report, memory_budget, allow_swap: bool | None = None, solver: str = "greedy") -> Plan:
+def plan_memory(report, memory_budget, allow_swap: bool | None = None, solver: str = "greedy",
+                graph: int | None = None) -> Plan:
     """Keep, recompute or swap each activation of ``report`` (a Report or
     its dict) so that the step's peak fits ``memory_budget``: a float in
     (0, 1] (a fraction of the profiled peak: measured on a GPU, simulated on
@@ -18,17 +19,22 @@ def plan_memory(report, memory_budget, allow_swap: bool | None = None, solver: s
 
     ``allow_swap`` None plans swaps for a GPU report and none for a CPU
     one. ``solver`` "greedy" is μ-TWO's; "milp" solves small graphs
-    exactly. Raises BudgetError when no plan fits, naming the lowest peak
-    reached and what holds it."""
+    exactly. A compile report of several dynamo graphs (graph breaks) is
+    planned one forward/backward pair at a time: ``graph`` is its index in
+    ``report["graphs"]`` (the backend "mutwo" plans each so). Raises
+    BudgetError when no plan fits, naming the lowest peak reached and what
+    holds it."""
     data = report.to_dict() if hasattr(report, "to_dict") else report
     if solver not in SOLVERS:
         raise PlanningError(f"unknown solver {solver!r}: choose one of {', '.join(SOLVERS)}")
     graphs = data.get("graphs") or [data]
-    if len(graphs) > 1:
-        raise PlanningError(f"this compile report holds {len(graphs)} graphs (graph breaks): the planner plans "
-                            "one graph; profile the step with capture_train_step, or compile without graph "
-                            "breaks (TORCH_LOGS=graph_breaks shows them).")
-    graph = {**graphs[0], "schema": data.get("schema")}
+    if graph is None and len(graphs) > 1:
+        raise PlanningError(f"this compile report holds {len(graphs)} graphs (graph breaks): plan each "
+                            f"forward/backward pair, plan_memory(report, budget, graph=i) for i in "
+                            f"0..{len(graphs) - 1}, or compile with backend=\"mutwo\", which does.")
+    if graph is not None and not 0 <= graph < len(graphs):
+        raise PlanningError(f"graph={graph}: this report holds {len(graphs)} graph(s), 0 to {len(graphs) - 1}")
+    graph = {**graphs[graph or 0], "schema": data.get("schema")}
     problem = planning_problem(graph)
     budget = budget_bytes(memory_budget, problem.baseline_peak_bytes)
     swap = problem.on_gpu if allow_swap is None else bool(allow_swap)

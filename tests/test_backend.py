@@ -133,7 +133,10 @@ def test_fresh_process_without_import_finds_the_backend():
         assert "mutwo_backend" in sys.modules  # loaded through the entry point only
         import mutwo_backend
         report = mutwo_backend.get_report(compiled)
-        print(len(report.to_dict()["nodes"]) > 0)
+        optimized = torch.compile(torch.nn.Linear(4, 2), backend="mutwo", options={"memory_budget": 1.0, "warmup": 0,
+                                                                                   "iters": 1})
+        optimized(torch.randn(3, 4)).sum().backward()
+        print(len(report.to_dict()["nodes"]) > 0 and mutwo_backend.get_plan(optimized) is not None)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -36,6 +36,7 @@ from planner.problem import graph_fingerprint
 from ..assemble import target_name
 from ..errors import MutwoError
 from .copy_streams import SWAP_MODULE, CopyStreams, storage_view
+from .split import TAG
 
 REPLAY_OF = "mutwo_replay_of"  # node.meta key: the original node a recompute copy replays
 
@@ -113,6 +114,19 @@ class _Rewriter:
             raise RewriteError(f"the plan names node {name!r}, which this graph lacks: plan again from a "
                                "report of this graph") from None
 
+    @contextlib.contextmanager
+    def _placed(self, anchor: fx.Node, before: bool = True):
+        """Insert next to ``anchor``; on a compile-path program the new nodes
+        take its region's tag (split.py cuts the program by it)."""
+        tag = anchor.meta.get(TAG)
+        known = set(self.graph.nodes) if tag else None
+        with self.graph.inserting_before(anchor if before else anchor.next):
+            yield
+        if tag:
+            for node in self.graph.nodes:
+                if node not in known:
+                    node.meta[TAG] = tag
+
     def _backward_readers(self, node: fx.Node) -> list[fx.Node]:
         return [u for u in node.users if u in self.rank and reads_in_backward(u, self.boundary)]
 
@@ -143,7 +157,7 @@ class _Rewriter:
         order = sorted({self._node(name) for _, names in chains for name in names}, key=self.rank.__getitem__)
         replica: dict[fx.Node, fx.Node] = {}
         stale: set[fx.Node] = set()  # originals whose storage a replayed in-place op has since written
-        with self.graph.inserting_before(reader):
+        with self._placed(reader):
             for node in order:
                 replica[node] = self._replay(node, replica, stale)
         for acts, _ in chains:
@@ -206,15 +220,14 @@ class _Rewriter:
         free_at = self._node(decision.swap_free_at or decision.prefetch_at)
         prefetch = self._node(decision.prefetch_at)
         host = next(iter(sorted(acts, key=self.rank.__getitem__)))
-        with self.graph.inserting_after(last_fw):
+        with self._placed(last_fw, before=False):
             streams = self.graph.get_attr(SWAP_MODULE)
-        with self.graph.inserting_after(streams):
             out = self.graph.call_method("swap_out", (streams, index, host))
-        with self.graph.inserting_before(free_at):
+        with self._placed(free_at):
             freed = self.graph.call_method("free", (out,))  # (holds no tensor: the storage is not read later)
-        with self.graph.inserting_before(prefetch):
+        with self._placed(prefetch):
             back = self.graph.call_method("swap_in", (streams, index, freed))
-        with self.graph.inserting_before(first_reader):
+        with self._placed(first_reader):
             flat = self.graph.call_method("wait", (back,))
             for act in acts:
                 self._redirect(act, self._view_on(flat, act))
