@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="comma-separated batch sizes, profiled from the smallest up, e.g. 4,8,16,32")
     sweep.add_argument("--no-reports", action="store_true",
                        help="do not save each batch size's own report, only the sweep's files")
+    sweep.add_argument("--budget", type=memory_commands.parse_budget, default=None, metavar="B",
+                       help="also plan each batch size for this budget (a fraction of its peak, bytes or a size) "
+                            "and run it with the plan: both are plotted (train-step capture only)")
+    sweep.add_argument("--memory", type=memory_commands.parse_memory, default=None, metavar="SIZE",
+                       help="with --budget: a memory limit (a size); a batch size whose step exceeds it is shown "
+                            "as not fitting, with and without the plan")
+    sweep.add_argument("--allow-swap", choices=sorted(memory_commands.SWAP_CHOICES), default="auto",
+                       help="with --budget: plan swaps: auto (on a GPU only), yes or no (default: auto)")
     memory_commands.add_commands(commands)
     return parser
 
@@ -174,10 +182,12 @@ def _seq_len(args: argparse.Namespace, spec) -> int | None:
     return (args.seq_len or spec.default_seq_len) if spec.default_seq_len else None
 
 
-def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: PhaseLog) -> Report:
+def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: PhaseLog, keep=None) -> Report:
     """Build the zoo model, profile ``args.warmup`` (None: the default) + ``args.iters`` iterations
     at ``batch_size`` and return the report (meta completed with what the
-    command knows: model, batch size, sequence length, optimizer, seed)."""
+    command knows: model, batch size, sequence length, optimizer, seed).
+    ``keep`` (a dict) receives the captured step, train step and batch, to
+    run it again under a plan."""
     spec = get_model(args.model)
     device = torch.device(args.device)
     seq_len = _seq_len(args, spec)
@@ -185,8 +195,16 @@ def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: PhaseLo
     model = phases.run(f"building {spec.name}", lambda: spec.build().to(device))
     optimizer = OPTIMIZERS[args.optimizer](model.parameters())
     inputs, targets = spec.make_batch(batch_size, seq_len or 0, device)
-    profile = _profile_compiled if args.capture == "compile" else _profile_train_step
-    report = profile(spec, model, optimizer, inputs, targets, args, phases)
+    if keep is not None:
+        from .profiler import profile_captured_step
+
+        report, _, step = profile_captured_step(zoo_train_step(spec), model, optimizer, (inputs, targets),
+                                                args.warmup, args.iters, args.timer, args.swap, spec.name,
+                                                args.module_depth)
+        keep.update(step=step, train_step=zoo_train_step(spec), batch=(inputs, targets))
+    else:
+        profile = _profile_compiled if args.capture == "compile" else _profile_train_step
+        report = profile(spec, model, optimizer, inputs, targets, args, phases)
     return report.add_meta(model=spec.name, batch_size=batch_size, seq_len=seq_len, optimizer=args.optimizer,
                            seed=args.seed)
 
@@ -269,14 +287,19 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def sweep(args: argparse.Namespace) -> None:
+    if args.budget is not None and args.capture != "train-step":
+        raise MutwoError("sweep --budget runs each batch size with a plan, which needs --capture train-step")
+    if args.memory is not None and args.budget is None:
+        raise MutwoError("sweep --memory is a limit for the plan's runs: give --budget too")
     phases = PhaseLog()
     device = torch.device(args.device)
     spec = get_model(args.model)
     runs, not_run = [], []
     for index, batch_size in enumerate(args.batch_sizes):
         log.info("batch size %d (%d of %d)", batch_size, index + 1, len(args.batch_sizes))
+        kept = {} if args.budget is not None else None
         try:
-            report = profile_zoo_model(args, batch_size, phases)
+            report = profile_zoo_model(args, batch_size, phases, kept)
         except Exception as error:  # noqa: BLE001 - only out-of-memory is expected; the rest is re-raised
             if not is_out_of_memory(error):
                 raise
@@ -296,6 +319,12 @@ def sweep(args: argparse.Namespace) -> None:
                "nodes": len(data["nodes"]), "activations": len(data["activations"]),
                "activation_bytes": sum(a["memory_bytes"] for a in data["activations"]),
                "report_dir": None}
+        if args.budget is not None:
+            if args.memory is not None:
+                run["fits"] = (run["measured_peak_bytes"] or run["peak_bytes"]) <= args.memory
+            run["with_plan"] = phases.run(f"batch size {batch_size} with the plan", memory_commands.run_with_plan,
+                                          report, kept["step"], kept["train_step"], kept["batch"], args, device)
+            del kept
         if not args.no_reports:
             run["report_dir"] = f"batch_{batch_size}"
             phases.run("saving", report.save, os.path.join(args.out, run["report_dir"]), timeline_x=args.timeline_x)
@@ -307,6 +336,7 @@ def sweep(args: argparse.Namespace) -> None:
                        "torch_version": str(torch.__version__), "capture": args.capture, "optimizer": args.optimizer,
                        "seq_len": _seq_len(args, spec),
                        "warmup": args.warmup, "iters": args.iters, "swap": args.swap, "seed": args.seed,
+                       "budget": args.budget, "memory": args.memory,
                        "batch_sizes": args.batch_sizes, "not_run": not_run, "notes": []},
               "runs": runs}
     print(format_sweep(result))
@@ -337,21 +367,31 @@ def save_sweep(result: dict, directory: str) -> list[str]:
 def format_sweep(result: dict) -> str:
     from tabulate import tabulate
 
+    planned = result["meta"].get("budget") is not None
     rows = []
     for run in result["runs"]:
         if run["status"] == "ok":
-            rows.append((run["batch_size"], "ok", f"{run['iteration_time_ms']:.2f}",
-                         f"{run['batch_size'] / run['iteration_time_ms'] * 1000:.1f}" if run["iteration_time_ms"] else "-",
-                         format_bytes(run["peak_bytes"]), format_bytes(run["measured_peak_bytes"]),
-                         format_bytes(run["breakdown_at_peak"].get(NodeType.ACT.value, 0))))
+            row = [run["batch_size"], "ok" if run.get("fits", True) else "over --memory",
+                   f"{run['iteration_time_ms']:.2f}",
+                   f"{run['batch_size'] / run['iteration_time_ms'] * 1000:.1f}" if run["iteration_time_ms"] else "-",
+                   format_bytes(run["peak_bytes"]), format_bytes(run["measured_peak_bytes"]),
+                   format_bytes(run["breakdown_at_peak"].get(NodeType.ACT.value, 0))]
+            if planned:
+                plan = run["with_plan"]
+                row += [plan["status"], f"{plan['iteration_time_ms']:.2f}" if "iteration_time_ms" in plan else "-",
+                        format_bytes(plan["peak_bytes"]) if "peak_bytes" in plan else "-"]
         else:
-            rows.append((run["batch_size"], "out of memory", "-", "-", "-", "-", "-"))
-    rows += [(size, "not run (after out of memory)", "-", "-", "-", "-", "-") for size in result["meta"]["not_run"]]
+            row = [run["batch_size"], "out of memory", "-", "-", "-", "-", "-"] + ["-"] * (3 * planned)
+        rows.append(row)
+    rows += [[size, "not run (after out of memory)", "-", "-", "-", "-", "-"] + ["-"] * (3 * planned)
+             for size in result["meta"]["not_run"]]
     meta = result["meta"]
     title = f"{meta['model']} on {meta['device_name']}, {meta['capture']}, {meta['optimizer']}"
-    return title + "\n" + tabulate(rows, headers=["batch size", "status", "iteration time (ms)", "samples/s",
-                                                  "simulated peak", "measured peak", "ACT at peak"],
-                                   tablefmt="simple", disable_numparse=True)
+    if planned:
+        title += f", with a plan for budget {meta['budget']}"
+    headers = ["batch size", "status", "iteration time (ms)", "samples/s", "simulated peak", "measured peak",
+               "ACT at peak"] + (["with plan", "time with plan (ms)", "peak with plan"] if planned else [])
+    return title + "\n" + tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
 def _free_memory(device: torch.device) -> None:

@@ -1,7 +1,8 @@
 """The command line's memory commands: ``plan`` (offline, from a saved
 report), ``optimize`` (profile, plan and run a zoo model's step under the
-plan, predictions against measurements) and ``max-batch`` (the largest batch
-that trains within a memory limit, eager and with a plan)."""
+plan, predictions against measurements), ``max-batch`` (the largest batch
+that trains within a memory limit, eager and with a plan) and what ``sweep
+--budget`` runs for each batch size (run_with_plan)."""
 
 import argparse
 import dataclasses
@@ -43,6 +44,14 @@ def parse_budget(text: str):
     raise argparse.ArgumentTypeError(f"--budget {text}: give {HOW}")
 
 
+def parse_memory(text: str) -> int:
+    """``--memory``: bytes, or a size with units; not a fraction."""
+    value = parse_budget(text)
+    if isinstance(value, float):
+        raise argparse.ArgumentTypeError(f"--memory {text}: give a size (\"16GiB\") or bytes, not a fraction")
+    return budget_bytes(value, 1)
+
+
 def add_commands(commands) -> None:
     """The memory commands' subparsers, on cli.build_parser's ``commands``."""
     from .cli import add_model_options, positive_int
@@ -81,7 +90,7 @@ def add_commands(commands) -> None:
                     "and is measured; the profiles run without it. On the CPU the limit is simulated: fits "
                     "and times are the profile's and the plan's predictions.")
     add_model_options(max_batch, "mutwo_max_batch")
-    max_batch.add_argument("--memory", required=True, type=parse_budget, metavar="SIZE",
+    max_batch.add_argument("--memory", required=True, type=parse_memory, metavar="SIZE",
                            help='the memory limit, e.g. "16GiB" (bytes, or a size with units)')
     max_batch.add_argument("--allow-swap", choices=sorted(SWAP_CHOICES), default="auto",
                            help="plan swaps: auto (on a GPU only), yes or no (default: auto)")
@@ -180,9 +189,7 @@ class BatchOutcome:
 
 def max_batch_command(args: argparse.Namespace) -> None:
     device = torch.device(args.device)
-    limit = budget_bytes(args.memory, 1) if not isinstance(args.memory, float) else None
-    if limit is None:
-        raise MutwoError(f"--memory {args.memory}: give a size (\"16GiB\") or bytes, not a fraction")
+    limit = args.memory
     tried = search_max_batch(lambda batch: try_batch(args, batch, limit, device), args.max_batch_size)
     print(format_max_batch(tried, limit, get_model(args.model).name))
 
@@ -248,23 +255,55 @@ def try_batch(args: argparse.Namespace, batch: int, limit: int, device: torch.de
     return outcome
 
 
-def _measured_under(limit: int, device: torch.device, optimized, batch: int, args) -> tuple[bool, float | None, str | None]:
-    """Run the optimized step with the process held to ``limit`` bytes."""
+def _measured_under(limit: int | None, device: torch.device, optimized, batch: int,
+                    args) -> tuple[bool, float | None, str | None]:
+    """Run the optimized step with the process held to ``limit`` bytes:
+    (it fit, samples per second, why not)."""
+    result, why = measure_within(limit, device, optimized, args, iters=3)
+    return result is not None, batch / result["measured_step_ms"] * 1e3 if result else None, why
+
+
+def measure_within(limit: int | None, device: torch.device, optimized, args, iters: int) -> tuple[dict | None, str | None]:
+    """OptimizedStep.measure, on a GPU with the process held to ``limit``
+    bytes (set_per_process_memory_fraction); None and why where it ran out."""
     from .cli import is_out_of_memory
 
+    if device.type != "cuda" or limit is None:
+        return optimized.measure(*args, iters=iters), None
     total = torch.cuda.get_device_properties(device).total_memory
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
     try:
-        result = optimized.measure(*args, iters=3)
+        return optimized.measure(*args, iters=iters), None
     except Exception as error:  # noqa: BLE001
         if not is_out_of_memory(error):
             raise
-        return False, None, "the plan's step ran out of memory under the limit"
+        return None, "the plan's step ran out of memory under the limit"
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0, device)
-    return True, batch / result["measured_step_ms"] * 1e3, None
+
+
+def run_with_plan(report, step, train_step, batch_args, args: argparse.Namespace, device: torch.device) -> dict:
+    """``sweep --budget``: the batch size's step planned for the budget and
+    run (peak and median time measured: the allocator's on a GPU,
+    MemTracker's on the CPU), with whether it fits ``--memory``."""
+    from .runtime import OptimizedStep
+
+    memory = args.memory
+    try:
+        plan = plan_memory(report, args.budget, allow_swap=SWAP_CHOICES[args.allow_swap])
+    except BudgetError as error:
+        return {"status": "no plan", "lowest_peak_bytes": error.lowest_peak_bytes}
+    result, why = measure_within(memory, device, OptimizedStep(step, plan, report, train_step), batch_args,
+                                 iters=args.iters)
+    if result is None:
+        return {"status": "oom", "note": why}
+    fits = memory is None or result["measured_peak_bytes"] <= memory
+    return {"status": "ok" if fits else "over memory", "peak_bytes": result["measured_peak_bytes"],
+            "iteration_time_ms": result["measured_step_ms"], "runtime": result["runtime"],
+            "predicted_peak_bytes": plan.predicted_peak_bytes, "predicted_iteration_ms": plan.predicted_iteration_ms,
+            "budget_bytes": plan.budget_bytes, "recompute": plan.count("recompute"), "swap": plan.count("swap")}
 
 
 def _free(device: torch.device) -> None:

@@ -202,7 +202,10 @@ def peak_memory_vs_batch(sweep: dict, path: str) -> None:
     runs = sweep["runs"]
     ok = [r for r in runs if r["status"] == "ok"]
     kinds = [k for k in KINDS if any(r["breakdown_at_peak"].get(k, 0) for r in ok)]
-    top = max([r["peak_bytes"] for r in ok] + [r.get("measured_peak_bytes") or 0 for r in ok] + [1])
+    planned = [(i, r["with_plan"]) for i, r in enumerate(runs) if "peak_bytes" in r.get("with_plan", {})]
+    memory = sweep["meta"].get("memory")
+    top = max([r["peak_bytes"] for r in ok] + [r.get("measured_peak_bytes") or 0 for r in ok]
+              + [p["peak_bytes"] for _, p in planned] + [memory or 0, 1])
     scale, unit = _unit(top)
     labels = [str(r["batch_size"]) for r in runs]
     x = list(range(len(runs)))
@@ -221,6 +224,16 @@ def peak_memory_vs_batch(sweep: dict, path: str) -> None:
         else:
             ax.text(i, top / scale * 0.05, "out of\nmemory" if r["status"] == "oom" else r["status"],
                     ha="center", va="bottom", fontsize=9, color="#c44e52", fontweight="bold")
+    if planned:  # sweep --budget: the step with the plan, measured
+        ax.plot([i for i, _ in planned], [p["peak_bytes"] / scale for _, p in planned], "D-", color="#8172b2",
+                label=f"with the plan (budget {sweep['meta']['budget']})")
+    if memory:
+        ax.axhline(memory / scale, color="#c44e52", linestyle=":", linewidth=1, label="memory limit")
+        for i, r in enumerate(runs):
+            plan_fits = r.get("with_plan", {}).get("status") == "ok"
+            if r["status"] == "ok" and not r.get("fits", True) and plan_fits:
+                ax.text(i, top / scale * 0.5, "fits only\nwith the plan", ha="center", va="center", fontsize=9,
+                        color="#8172b2", fontweight="bold", bbox={"facecolor": "white", "alpha": 0.8, "linewidth": 0})
     ax.set_xticks(x)
     ax.set_xticklabels(labels)
     ax.set_xlabel("mini-batch size")
@@ -253,8 +266,14 @@ def latency_vs_batch(sweep: dict, path: str) -> None:
                     linestyle="--", color="#55a868", label="throughput (samples/s)")
         second.set_ylabel("throughput (samples/s)")
         second.set_ylim(bottom=0)
-        h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = second.get_legend_handles_labels()
+        planned = [(r["batch_size"], r["with_plan"]["iteration_time_ms"]) for r in ok
+                   if "iteration_time_ms" in r.get("with_plan", {})]
+        if planned:  # sweep --budget: the step with the plan, measured
+            ax.plot([b for b, _ in planned], [t for _, t in planned], marker="D", color="#8172b2",
+                    label=f"with the plan, budget {sweep['meta']['budget']} (ms)")
+            ax.set_ylim(0, max(times + [t for _, t in planned] + [1]) * 1.15)
+        h1, l1 = ax.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, fontsize=8)
         ax.set_xticks(sizes)
         ax.set_xticklabels([str(s) for s in sizes])

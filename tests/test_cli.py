@@ -53,13 +53,13 @@ def test_sweep_mlp_writes_both_plots_and_sweep_json(tmp_path, capsys):
 def test_sweep_stops_cleanly_at_the_first_out_of_memory(tmp_path, monkeypatch):
     real = cli.profile_zoo_model
 
-    def profile_zoo_model(args, batch_size, phases):
+    def profile_zoo_model(args, batch_size, phases, keep=None):
         if batch_size >= 8:  # as the interpreter raises it: wrapped, naming the node
             try:
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             except torch.OutOfMemoryError as error:
                 raise NodeExecutionError("node addmm (rank 7) failed: OutOfMemoryError") from error
-        return real(args, batch_size, phases)
+        return real(args, batch_size, phases, keep)
 
     monkeypatch.setattr(cli, "profile_zoo_model", profile_zoo_model)
     out = tmp_path / "sweep"

@@ -79,3 +79,20 @@ def test_max_batch_finds_what_a_brute_force_search_finds(tmp_path, capsys):
 def args_device(args: argparse.Namespace):
     import torch
     return torch.device(args.device or "cpu")
+
+
+def test_sweep_with_a_budget_runs_each_batch_with_the_plan_and_marks_what_only_it_fits(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", "--model", "resnet18", "--device", "cpu", "--batch-sizes", "16", "--iters", "1",
+                     "--budget", "0.95", "--memory", "195MiB", "--no-reports", "--out", str(out), "--quiet"]) == 0
+    sweep = json.loads((out / "sweep.json").read_text())
+    run = sweep["runs"][0]
+    assert sweep["meta"]["budget"] == 0.95 and sweep["meta"]["memory"] == 195 * 2 ** 20
+    assert not run["fits"] and run["with_plan"]["status"] == "ok"  # 201.6 MiB eagerly, under 195 MiB with the plan
+    plan = run["with_plan"]
+    assert abs(plan["peak_bytes"] / plan["predicted_peak_bytes"] - 1) <= 0.05 and plan["recompute"] > 0
+    assert {"peak_memory_vs_batch.png", "latency_vs_batch.png"} <= {p.name for p in out.iterdir()}
+    assert "time with plan (ms)" in capsys.readouterr().out
+    assert cli.main(["sweep", "--model", "mlp", "--device", "cpu", "--batch-sizes", "2", "--memory", "1GiB",
+                     "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "give --budget too" in capsys.readouterr().err
