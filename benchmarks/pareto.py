@@ -25,7 +25,6 @@ the issue's goals as PASS/FAIL lines.
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import statistics
@@ -37,7 +36,8 @@ import traceback
 import torch
 
 from mutwo_backend import BudgetError, OptimizedStep, get_plan, plan_memory
-from mutwo_backend.models import get_model, zoo_train_step
+from mutwo_backend.device_memory import free_device_memory
+from mutwo_backend.models import fresh_setup, zoo_train_step
 from mutwo_backend.profiler import profile_captured_step
 
 GIB = 2 ** 30
@@ -45,21 +45,6 @@ MUTWO_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 INDUCTOR_BUDGETS = (1.0, 0.5, 0.1)
 TOOLS = ("eager", "checkpoint_blocks", "checkpoint_stages", "save_on_cpu", "inductor", "mutwo", "mutwo_compile")
 ANCHORS = ("eager", "checkpoint_blocks", "checkpoint_stages", "save_on_cpu", "inductor")
-
-
-def fresh(name: str, batch: int, device: torch.device):
-    spec = get_model(name)
-    torch.manual_seed(0)
-    model = spec.build().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-    inputs, targets = spec.make_batch(batch, spec.default_seq_len, device)
-    return spec, model, optimizer, inputs, targets
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def measured(step, device: torch.device, steps: int = 7) -> dict:
@@ -111,7 +96,7 @@ def checkpointed(modules):
 
 
 def eager_tool(name, batch, device, wrap=None):
-    spec, model, optimizer, inputs, targets = fresh(name, batch, device)
+    spec, model, optimizer, inputs, targets = fresh_setup(name, batch, device)
     step = zoo_train_step(spec)
     with wrap(spec, model) if wrap else contextlib.nullcontext():
         return measured(lambda: step(model, optimizer, inputs, targets), device)
@@ -130,7 +115,7 @@ def checkpoint_tool(stages: bool):
 
 
 def save_on_cpu_tool(name, batch, device):
-    spec, model, optimizer, inputs, targets = fresh(name, batch, device)
+    spec, model, optimizer, inputs, targets = fresh_setup(name, batch, device)
 
     def step():
         with torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda"):
@@ -147,7 +132,7 @@ def compiled_tool(name, batch, device, backend, options=None, budget=None):
     import torch._functorch.config as functorch_config
 
     torch._dynamo.reset()
-    spec, model, optimizer, inputs, targets = fresh(name, batch, device)
+    spec, model, optimizer, inputs, targets = fresh_setup(name, batch, device)
     kwargs = {"backend": backend} if options is None else {"backend": backend, "options": options(optimizer)}
     compiled = torch.compile(model, **kwargs)
 
@@ -177,7 +162,7 @@ def compiled_tool(name, batch, device, backend, options=None, budget=None):
 def mutwo_tools(name, batch, device, budgets, anchors: dict) -> dict:
     """optimize_train_step's rewrite of one profile, at each budget and at
     each anchor's measured peak (bytes)."""
-    spec, model, optimizer, inputs, targets = fresh(name, batch, device)
+    spec, model, optimizer, inputs, targets = fresh_setup(name, batch, device)
     train_step = zoo_train_step(spec)
     report, _, step = profile_captured_step(train_step, model, optimizer, (inputs, targets), None, 3, None, "model",
                                             name, 2)
@@ -199,7 +184,7 @@ def mutwo_tools(name, batch, device, budgets, anchors: dict) -> dict:
                           "predicted_step_ms": plan.predicted_iteration_ms, "recompute": plan.count("recompute"),
                           "swap": plan.count("swap")}
         del optimized
-        release(device)
+        free_device_memory(device)
     return results
 
 
@@ -211,7 +196,7 @@ def run_tools(name: str, batch: int, device: torch.device, tools, budgets) -> di
             runs[label] = fn(*args, **kwargs)
         except Exception as error:  # noqa: BLE001 - one tool's failure is recorded, the others run
             runs[label] = {"error": f"{type(error).__name__}: {error}"[:2000], "traceback": traceback.format_exc()}
-        release(device)
+        free_device_memory(device)
         print(f"{name} {label}: {describe(runs[label])}", flush=True)
 
     if "eager" in tools:
@@ -233,7 +218,7 @@ def run_tools(name: str, batch: int, device: torch.device, tools, budgets) -> di
                 print(f"{name} {label}: {describe(result)}", flush=True)
         except Exception as error:  # noqa: BLE001
             runs["mutwo"] = {"error": f"{type(error).__name__}: {error}"[:2000], "traceback": traceback.format_exc()}
-        release(device)
+        free_device_memory(device)
     if "mutwo_compile" in tools:
         for b in (0.5, 0.8):
             attempt(f"mutwo_compile_{b}", compiled_tool, name, batch, device, "mutwo",

@@ -16,7 +16,6 @@ writes validate_plan_<model>.json under --out.
 
 import argparse
 import copy
-import gc
 import json
 import os
 import statistics
@@ -26,7 +25,8 @@ import sys
 import torch
 
 from mutwo_backend import BudgetError, OptimizedStep, plan_memory
-from mutwo_backend.models import get_model, zoo_train_step
+from mutwo_backend.device_memory import free_device_memory
+from mutwo_backend.models import fresh_setup, zoo_train_step
 from mutwo_backend.profiler import profile_captured_step
 
 BUDGETS = (0.35, 0.4, 0.5, 0.6, 0.65, 0.8)
@@ -37,23 +37,9 @@ SPEED_GOALS = {"resnet152": ((0.65, 0.65, 1.02), (0.5, 0.50, 1.10), (0.35, 0.35,
                "bert": ((0.7, 0.70, 1.02), (0.55, 0.55, 1.10))}
 
 
-def fresh(name: str, batch: int, device: torch.device):
-    spec = get_model(name)
-    torch.manual_seed(0)
-    model = spec.build().to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=True)
-    inputs, targets = spec.make_batch(batch, spec.default_seq_len, device)
-    return spec, model, optimizer, (inputs, targets)
-
-
-def release(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-
-
 def validate(name: str, batch: int, device: torch.device, budgets) -> dict:
-    spec, model, optimizer, args = fresh(name, batch, device)
+    spec, model, optimizer, inputs, targets = fresh_setup(name, batch, device)
+    args = (inputs, targets)
     train_step = zoo_train_step(spec)
     report, _, step = profile_captured_step(train_step, model, optimizer, args, None, 3, None, "model", name, 2)
     swap_model = report.to_dict()["meta"]["swap_model"]
@@ -74,10 +60,10 @@ def validate(name: str, batch: int, device: torch.device, budgets) -> dict:
         row.update(optimized.measure(*args, iters=7), recompute=plan.count("recompute"), swap=plan.count("swap"),
                    keep=plan.count("keep"), runtime_note=report.to_dict()["meta"].get("runtime_note"))
         del optimized
-        release(device)
+        free_device_memory(device)
         if plan.count("swap") and device.type == "cuda":
             row["copies"] = copy_times(step, plan, report, train_step, args, swap_model)
-            release(device)
+            free_device_memory(device)
         result["budgets"].append(row)
         print(line(name, row), flush=True)
     planned = [r["budget"] for r in result["budgets"] if "measured_peak_bytes" in r]
@@ -111,7 +97,8 @@ def training_check(name: str, batch: int, device: torch.device, budget: float, s
     code), all under deterministic algorithms."""
     torch.use_deterministic_algorithms(True)
     try:
-        spec, model, optimizer, args = fresh(name, batch, device)
+        spec, model, optimizer, inputs, targets = fresh_setup(name, batch, device)
+        args = (inputs, targets)
         train_step = zoo_train_step(spec)
         train_step(model, optimizer, *args)  # the Adam state exists: the state to start from
         start = copy.deepcopy((model.state_dict(), optimizer.state_dict()))
@@ -142,7 +129,7 @@ def training_check(name: str, batch: int, device: torch.device, budget: float, s
             if graph is None and device.type != "cuda":
                 continue
             diffs[label] = _max_diff(first, run(lambda: OptimizedStep(step, plan, report, train_step, graph)))
-            release(device)
+            free_device_memory(device)
         return {"steps": steps, "budget": budget, "deterministic": True, **diffs}
     finally:
         torch.use_deterministic_algorithms(False)

@@ -8,7 +8,6 @@ and iteration latency against the batch size. ``plan``, ``optimize`` and
 per phase with its duration and the time elapsed."""
 
 import argparse
-import gc
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ from passes import NodeType
 
 from . import memory_commands
 from .assemble import DEFAULT_MODULE_DEPTH, device_name
+from .device_memory import free_device_memory
 from .errors import MutwoError, StepDoesNotFitError
 from .models import MODELS, get_model, zoo_train_step
 from .plot_processes import PlotProcesses
@@ -307,7 +307,7 @@ def sweep(args: argparse.Namespace) -> None:
             runs.append({"batch_size": batch_size, "status": "oom",
                          "error": f"{type(error).__name__}: {error}"[:2000]})
             not_run = args.batch_sizes[index + 1:]
-            _free_memory(device)
+            free_device_memory(device)
             break
         data = report.to_dict()
         run = {"batch_size": batch_size, "status": "ok", "warmup": data["meta"]["warmup"],
@@ -330,7 +330,7 @@ def sweep(args: argparse.Namespace) -> None:
             phases.run("saving", report.save, os.path.join(args.out, run["report_dir"]), timeline_x=args.timeline_x)
         runs.append(run)
         del report, data
-        _free_memory(device)
+        free_device_memory(device)
     result = {"schema": SWEEP_SCHEMA,
               "meta": {"model": spec.name, "device": str(device), "device_name": device_name(device),
                        "torch_version": str(torch.__version__), "capture": args.capture, "optimizer": args.optimizer,
@@ -392,12 +392,6 @@ def format_sweep(result: dict) -> str:
     headers = ["batch size", "status", "iteration time (ms)", "samples/s", "simulated peak", "measured peak",
                "ACT at peak"] + (["with plan", "time with plan (ms)", "peak with plan"] if planned else [])
     return title + "\n" + tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
-
-
-def _free_memory(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 # --- entry point ---------------------------------------------------------------------

@@ -8,6 +8,7 @@ error halfway through a training iteration, after batch-norm statistics have
 changed. A step that passes and still runs out is explained the same way."""
 
 import contextlib
+import gc
 
 import torch
 
@@ -27,6 +28,15 @@ def free_bytes(device: torch.device) -> int:
     caching allocator holds but has not handed out."""
     free, _ = torch.cuda.mem_get_info(device)
     return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Collect dropped tensors and, on a GPU, return the allocator's cached
+    blocks, so that the next model (a sweep's next batch, a benchmark's
+    next tool) starts from the same memory."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def resident_bytes(analysis: GraphAnalysis) -> int:

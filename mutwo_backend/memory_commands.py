@@ -6,7 +6,6 @@ that trains within a memory limit, eager and with a plan) and what ``sweep
 
 import argparse
 import dataclasses
-import gc
 import logging
 import os
 
@@ -16,6 +15,7 @@ from tabulate import tabulate
 from planner import BudgetError, plan_memory
 from planner.budget import HOW, budget_bytes
 
+from .device_memory import free_device_memory
 from .errors import MutwoError
 from .models import get_model, zoo_train_step
 from .progress import PhaseLog
@@ -235,7 +235,7 @@ def try_batch(args: argparse.Namespace, batch: int, limit: int, device: torch.de
     except Exception as error:  # noqa: BLE001 - out of memory even without the limit: nothing fits
         if not is_out_of_memory(error):
             raise
-        _free(device)
+        free_device_memory(device)
         return BatchOutcome(batch, False, note="the profile itself ran out of memory")
     data = report.to_dict()
     peak = data["memory"]["measured_peak_bytes"] or data["memory"]["peak_bytes"]
@@ -245,13 +245,13 @@ def try_batch(args: argparse.Namespace, batch: int, limit: int, device: torch.de
         plan = plan_memory(report, limit, allow_swap=SWAP_CHOICES[args.allow_swap])
     except BudgetError as error:
         outcome.note = f"no plan: lowest peak {format_bytes(error.lowest_peak_bytes or 0)}"
-        _free(device)
+        free_device_memory(device)
         return outcome
     outcome.mutwo_fits, outcome.mutwo_samples_per_s = True, batch / plan.predicted_iteration_ms * 1e3
     if device.type == "cuda":
         outcome.mutwo_fits, outcome.mutwo_samples_per_s, outcome.note = _measured_under(
             limit, device, OptimizedStep(step, plan, report, zoo_train_step(spec)), batch, (inputs, targets))
-    _free(device)
+    free_device_memory(device)
     return outcome
 
 
@@ -271,8 +271,7 @@ def measure_within(limit: int | None, device: torch.device, optimized, args, ite
     if device.type != "cuda" or limit is None:
         return optimized.measure(*args, iters=iters), None
     total = torch.cuda.get_device_properties(device).total_memory
-    gc.collect()
-    torch.cuda.empty_cache()
+    free_device_memory(device)
     torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
     try:
         return optimized.measure(*args, iters=iters), None
@@ -304,12 +303,6 @@ def run_with_plan(report, step, train_step, batch_args, args: argparse.Namespace
             "iteration_time_ms": result["measured_step_ms"], "runtime": result["runtime"],
             "predicted_peak_bytes": plan.predicted_peak_bytes, "predicted_iteration_ms": plan.predicted_iteration_ms,
             "budget_bytes": plan.budget_bytes, "recompute": plan.count("recompute"), "swap": plan.count("swap")}
-
-
-def _free(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def format_max_batch(tried: dict[int, BatchOutcome], limit: int, model: str) -> str:

@@ -46,6 +46,17 @@ def zoo_train_step(spec: ModelSpec) -> Callable:
     return lambda model, optimizer, inputs, targets: train_step(model, optimizer, spec, inputs, targets)
 
 
+def fresh_setup(name: str, batch: int, device: torch.device, seed: int = 0, lr: float = 1e-4):
+    """(spec, model, fused Adam, inputs, targets) of a zoo model built from
+    ``seed`` on ``device``: the same start for every tool a benchmark runs."""
+    spec = get_model(name)
+    torch.manual_seed(seed)
+    model = spec.build().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    inputs, targets = spec.make_batch(batch, spec.default_seq_len, device)
+    return spec, model, optimizer, inputs, targets
+
+
 def get_model(name: str) -> ModelSpec:
     if name not in MODELS:
         raise MutwoError(f"unknown model {name!r}: choose one of {', '.join(MODELS)}")

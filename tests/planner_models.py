@@ -1,5 +1,8 @@
 """Models whose activations make the peak, and their train step: the
-planner's test cases (test_planner.py, test_planner_milp.py)."""
+planner's and the runtime's test cases (test_planner*.py, test_runtime.py,
+test_optimizing_backend.py, test_replay.py)."""
+
+import copy
 
 import torch
 from torch import nn
@@ -64,6 +67,16 @@ class TiedLM(nn.Module):
 
     def forward(self, tokens):
         return self.layers(self.embed(tokens)) @ self.embed.weight.t()
+
+
+def with_eager_twin(build):
+    """A model built from seed 0, a copy of it to train eagerly, and a fused
+    Adam for each: (model, eager, optimizer, eager_optimizer)."""
+    torch.manual_seed(0)
+    model = build()
+    eager = copy.deepcopy(model)
+    return (model, eager, torch.optim.Adam(model.parameters(), fused=True),
+            torch.optim.Adam(eager.parameters(), fused=True))
 
 
 def classify_step(model, optimizer, x, y):

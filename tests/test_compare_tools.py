@@ -1,25 +1,15 @@
 """CPU smoke test of benchmarks/compare_torch_tools.py on the zoo's MLP."""
 
-import importlib.util
 import json
-import os
 
 import torch
 
 import mutwo_backend.models  # noqa: F401  (the script then imports the package normally)
-
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "compare_torch_tools.py")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("compare_torch_tools", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark  # (tests/)
 
 
 def test_every_tool_on_cpu(tmp_path):
-    ctt = load_script()
+    ctt = load_benchmark("compare_torch_tools")
     case = ctt.Case("mlp", 8, 0, torch.device("cpu"))
     result = ctt.compare(case, str(tmp_path), str(tmp_path / "artifacts"))
     truth, tools = result["ground_truth"], result["tools"]
@@ -45,7 +35,7 @@ def test_every_tool_on_cpu(tmp_path):
 
 
 def test_goal_checks_and_mapping():
-    ctt = load_script()
+    ctt = load_benchmark("compare_torch_tools")
     truth = {"peak_bytes": 1000, "params_bytes": 100, "params_alloc_bytes": 512, "grads_bytes": 100,
              "grads_alloc_bytes": 512, "optimizer_state_bytes": 200, "optimizer_state_alloc_bytes": 1024,
              "kernel_time_ms": 10.0, "step_ms": 11.0}
@@ -77,7 +67,7 @@ def test_goal_checks_and_mapping():
 def test_compile_path_is_held_to_the_compiled_step():
     """mutwo_compile's peak and node times are checked against the compiled
     program (aot_eager_default_partitioner), and the eager error is shown."""
-    ctt = load_script()
+    ctt = load_benchmark("compare_torch_tools")
     truth = {"peak_bytes": 1000, "params_bytes": 100, "params_alloc_bytes": 512, "grads_bytes": 100,
              "grads_alloc_bytes": 512, "optimizer_state_bytes": 200, "optimizer_state_alloc_bytes": 1024,
              "kernel_time_ms": 10.0, "step_ms": 11.0}

@@ -11,7 +11,7 @@ from torch import nn
 import mutwo_backend
 from mutwo_backend import BudgetError, MutwoError, Plan
 from mutwo_backend.models import get_model
-from planner_models import DeepMLP  # (tests/)
+from planner_models import DeepMLP, with_eager_twin  # (tests/)
 
 
 @pytest.fixture(autouse=True)
@@ -129,11 +129,7 @@ def test_the_forward_keeps_less_for_backward_by_what_the_plan_drops():
 
 
 def test_swaps_in_the_compiled_graphs_train_as_eager():
-    torch.manual_seed(0)
-    model = DeepMLP()
-    eager = copy.deepcopy(model)
-    optimizer = torch.optim.Adam(model.parameters(), fused=True)
-    eager_optimizer = torch.optim.Adam(eager.parameters(), fused=True)
+    model, eager, optimizer, eager_optimizer = with_eager_twin(DeepMLP)
     x, y = torch.randn(1024, 256), torch.randint(0, 10, (1024,))
     compiled = torch.compile(model, backend="mutwo", options={"memory_budget": 0.6, "allow_swap": True,
                                                               "optimizer": optimizer, "warmup": 1, "iters": 1})

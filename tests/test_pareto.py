@@ -1,22 +1,13 @@
 """CPU smoke test of benchmarks/pareto.py on the zoo's MLP."""
 
-import importlib.util
-import os
 
 import torch
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "pareto.py")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("pareto", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark  # (tests/)
 
 
 def test_every_tool_runs_or_records_why_not(tmp_path):
-    script = load_script()
+    script = load_benchmark("pareto")
     runs = script.run_tools("mlp", 64, torch.device("cpu"), ["eager", "checkpoint_blocks", "save_on_cpu", "mutwo"],
                             [1.0, 0.01])
     assert runs["eager"]["step_ms"] > 0 and runs["save_on_cpu"]["step_ms"] > 0

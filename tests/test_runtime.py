@@ -16,7 +16,8 @@ from mutwo_backend.models import get_model, zoo_train_step
 from mutwo_backend.runtime.rewrite import REPLAY_OF
 from passes import NodeType, run_pipeline
 from passes.replay import dropout_from_mask
-from planner_models import DeepMLP, NativeDropoutMLP, SmallCNN, TiedLM, classify_step, token_batch  # (tests/)
+from planner_models import (DeepMLP, NativeDropoutMLP, SmallCNN, TiedLM, classify_step, token_batch,
+                            with_eager_twin)  # (tests/)
 
 CPU = torch.device("cpu")
 
@@ -124,11 +125,7 @@ def test_the_rewritten_graph_frees_what_the_plan_drops_and_peaks_as_predicted(tr
 def test_dropout_is_rebuilt_from_its_mask_and_trains_as_eager():
     """native_dropout (the GPU's form) rebuilt from its kept mask: the
     generator is drawn once per step, as in eager."""
-    torch.manual_seed(0)
-    model = NativeDropoutMLP()
-    eager = copy.deepcopy(model)
-    optimizer = torch.optim.Adam(model.parameters(), fused=True)
-    eager_optimizer = torch.optim.Adam(eager.parameters(), fused=True)
+    model, eager, optimizer, eager_optimizer = with_eager_twin(NativeDropoutMLP)
     x, y = torch.randn(2048, 256), torch.randint(0, 10, (2048,))
     torch.manual_seed(1)
     optimized = optimize_train_step(classify_step, model, optimizer, x, y, memory_budget=0.6, iters=1)
@@ -169,11 +166,7 @@ def test_memtracker_measures_the_predicted_peak():
 def test_swaps_train_as_eager_through_the_copy_streams():
     """Swaps planned on a CPU report (allow_swap=True) run as plain copies
     to the host slab and back: the same graph as on a GPU, checked here."""
-    torch.manual_seed(0)
-    model = DeepMLP()
-    eager = copy.deepcopy(model)
-    optimizer = torch.optim.Adam(model.parameters(), fused=True)
-    eager_optimizer = torch.optim.Adam(eager.parameters(), fused=True)
+    model, eager, optimizer, eager_optimizer = with_eager_twin(DeepMLP)
     x, y = torch.randn(1024, 256), torch.randint(0, 10, (1024,))
     optimized = optimize_train_step(classify_step, model, optimizer, x, y, memory_budget=0.6, allow_swap=True,
                                     iters=1)

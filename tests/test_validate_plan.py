@@ -1,22 +1,13 @@
 """CPU smoke test of benchmarks/validate_plan.py on the zoo's MLP."""
 
-import importlib.util
-import os
 
 import torch
 
-SCRIPT = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "validate_plan.py")
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("validate_plan", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from benchmark_scripts import load_benchmark  # (tests/)
 
 
 def test_validate_plan_measures_predictions_and_training_on_cpu():
-    script = load_script()
+    script = load_benchmark("validate_plan")
     result = script.validate("mlp", 64, torch.device("cpu"), [1.0, 0.1])
     kept, impossible = result["budgets"]
     # MemTracker around one step of the plan that keeps everything: the step frees values at their last use
