@@ -46,8 +46,12 @@ class CudaGraphStep:
 
     def __call__(self, params, buffers, states, args):
         if self.graph is None:
-            with EagerOptimizer():
+            # the real first iteration on a side stream, as CUDA graph capture wants its warm-up
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side), EagerOptimizer():
                 output = self.gm(params, buffers, states, args)
+            torch.cuda.current_stream(self.device).wait_stream(side)
             self._capture(params, buffers, states, args)
             return output
         self._check_same_state((params, buffers, states))
@@ -55,7 +59,10 @@ class CudaGraphStep:
             if isinstance(new, torch.Tensor) and new.data_ptr() != static.data_ptr():
                 static.copy_(new)
         self.graph.replay()
-        return self.static_output
+        out, grads = self.static_output
+        # what train_step returned, copied: the next replay overwrites the graph's own (a loss kept in a list
+        # must not change); the gradients are the graph's, as eager's are new each step
+        return pytree.tree_map_only(torch.Tensor, torch.clone, out), grads
 
     def _capture(self, params, buffers, states, args) -> None:
         torch.cuda.synchronize(self.device)

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from planner import BudgetError, plan_memory
+from planner import plan_memory
 from planner.budget import budget_bytes
 
 from ..arguments import check_profile_arguments
@@ -79,16 +79,17 @@ def optimize_train_step(train_step, model, optimizer, *args, memory_budget, allo
 
     ``cuda_graph`` None replays the step as one CUDA graph where it can be
     (a GPU, static shapes, no host reads) and runs the graph's code
-    elsewhere. An impossible budget raises BudgetError with the model and
-    optimizer put back as they were before the profiling trained them."""
+    elsewhere. An impossible budget raises BudgetError (and a plan the
+    graph cannot take a MutwoError) with the model and optimizer put back
+    as they were before the profiling trained them."""
     device = next(model.parameters()).device
     check_profile_arguments(device, warmup, iters, timer, "model")
     budget_bytes(memory_budget, 1)  # its form, before anything runs
-    with restored_on((BudgetError,), model, optimizer):
+    with restored_on((MutwoError,), model, optimizer):  # a budget no plan meets, a plan the graph refuses
         report, _, step = profile_captured_step(train_step, model, optimizer, args, warmup, iters, timer, "model",
                                                 None, 2)
         plan = plan_memory(report, memory_budget, allow_swap=allow_swap)
-    return OptimizedStep(step, plan, report, train_step, cuda_graph)
+        return OptimizedStep(step, plan, report, train_step, cuda_graph)
 
 
 def _measured(device: torch.device, run, iters: int, model, optimizer, args) -> tuple[int, float]:
