@@ -9,7 +9,6 @@ and its recomputation would be missing from backward."""
 
 from dataclasses import dataclass
 
-import torch
 from torch import fx
 
 
@@ -18,7 +17,8 @@ class PartitionedProgram:
     """``graph``: forward nodes tagged ``is_forward``, then backward nodes
     tagged ``is_backward``; placeholders are the forward's primals, then the
     backward's tangents; the output is the forward's outputs then the
-    gradients, as a joint graph's. ``forward_names`` / ``backward_names``
+    gradients, as a joint graph's; it holds the constants both read.
+    ``forward_names`` / ``backward_names``
     map each node name of the forward / backward graph to its node's name
     here (a recomputed value is renamed in backward)."""
 
@@ -42,15 +42,16 @@ def stitch(forward: fx.GraphModule, backward: fx.GraphModule, num_fwd_outputs: i
     for node in backward_nodes:
         if node.op == "placeholder" and node not in saved:
             bw_env[node] = graph.node_copy(node)
+    constants: dict[str, object] = {}
     for node in forward_nodes:
         if node.op not in ("placeholder", "output"):
-            fw_env[node] = graph.node_copy(node, fw_env.__getitem__)
+            fw_env[node] = _copy(graph, node, fw_env, forward, constants)
             fw_env[node].meta["partitioner_tag"] = "is_forward"
     for node, value in saved.items():
         bw_env[node] = fw_env[value]
     for node in backward_nodes:
         if node.op not in ("placeholder", "output"):
-            bw_env[node] = graph.node_copy(node, bw_env.__getitem__)
+            bw_env[node] = _copy(graph, node, bw_env, backward, constants)
             bw_env[node].meta["partitioner_tag"] = "is_backward"
 
     def mapped(env, values):
@@ -59,8 +60,24 @@ def stitch(forward: fx.GraphModule, backward: fx.GraphModule, num_fwd_outputs: i
     forward_outputs = forward_nodes[-1].args[0][:num_fwd_outputs]
     gradients = backward_nodes[-1].args[0]
     graph.output(tuple(mapped(fw_env, forward_outputs) + mapped(bw_env, gradients)))
-    module = fx.GraphModule(torch.nn.Module(), fx.Graph())
-    module.graph = graph  # analysed, never run: constants (get_attr) need not be copied
+    module = fx.GraphModule(constants, graph)
     return PartitionedProgram(module,
                               {n.name: copy.name for n, copy in fw_env.items()},
                               {n.name: copy.name for n, copy in bw_env.items()})
+
+
+def _copy(graph: fx.Graph, node: fx.Node, env: dict, owner: fx.GraphModule, constants: dict) -> fx.Node:
+    """``node`` copied into the program; a constant it reads (get_attr) is
+    held by the program too, renamed where the forward and the backward
+    graph both name one so."""
+    copy = graph.node_copy(node, env.__getitem__)
+    if node.op == "get_attr":
+        value = owner
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        name = node.target.replace(".", "_")
+        while name in constants and constants[name] is not value:
+            name = f"backward_{name}"
+        constants[name] = value
+        copy.target = name
+    return copy

@@ -59,7 +59,7 @@ def recompute_subgraphs(nodes, activations, kinds, regions, rank,
             for source in graph.predecessors(stack.pop()):
                 if source in inside or source in srcs:
                     continue
-                if kinds[source] in RETAINED:
+                if kinds[source] in RETAINED or source.op == "get_attr":  # (a constant is always there)
                     srcs.add(source)
                 else:
                     inside.add(source)

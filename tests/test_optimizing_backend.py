@@ -35,6 +35,18 @@ class BrokenMLP(nn.Module):
         return self.second(x)
 
 
+class WithConstants(nn.Module):
+    """Tensors made in forward: AOTAutograd's graphs read them as constants
+    (get_attr), in forward and in backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = DeepMLP(depth=4)
+
+    def forward(self, x):
+        return self.body(x * torch.tensor([0.5, 1.5] * (x.shape[-1] // 2)))
+
+
 def zoo(name, batch):
     spec = get_model(name)
     inputs, targets = spec.make_batch(batch, 16, torch.device("cpu"))
@@ -52,6 +64,7 @@ CASES = {
     "bert-tiny": (lambda: zoo("bert-tiny", 4), 1.0),
     "deep-mlp": (lambda: planner_case(DeepMLP), 0.6),
     "graph-break": (lambda: planner_case(BrokenMLP), 0.7),
+    "constants": (lambda: planner_case(WithConstants), 0.7),
 }
 
 
@@ -88,7 +101,7 @@ def test_training_through_mutwo_equals_eager(name):
         with pytest.raises(MutwoError, match="graph=i"):
             mutwo_backend.plan_memory(report, budget)
         assert [mutwo_backend.plan_memory(report, budget, graph=i) for i in (0, 1)] == plans
-    if name in ("deep-mlp", "graph-break"):
+    if name in ("deep-mlp", "graph-break", "constants"):
         assert all(p.count("recompute") > 0 for p in plans)
 
 

@@ -73,7 +73,7 @@ def split_program(program: fx.GraphModule, forward: fx.GraphModule, backward: fx
         bw_env[node].meta.update(node.meta)
 
     def mapped(node):
-        if node not in bw_env and node.op == "get_attr":  # (the copy streams: each graph reads the module)
+        if node not in bw_env and node.op == "get_attr":  # a forward constant or the copy streams, read again
             bw_env[node] = bw_graph.get_attr(node.target)
         return bw_env[node]
 
@@ -105,4 +105,4 @@ def _empty_like_slot(graph: fx.Graph, node: fx.Node) -> fx.Node:
 
 def _module(program: fx.GraphModule, graph: fx.Graph) -> fx.GraphModule:
     graph.lint()
-    return fx.GraphModule(program, graph)
+    return fx.GraphModule(program, graph)  # (the program holds the constants and the copy streams)
