@@ -96,7 +96,7 @@ def infer_hints(nodes, regions, given: GraphHints | None) -> GraphHints:
         region = regions[node]
         if region in FORWARD_REGIONS:
             read_in_forward.update(a for a in node.all_input_nodes if a.op == "placeholder")
-        written[region].update(p for p in _written_args(node) if p.op == "placeholder")
+        written[region].update(p for p in written_args(node) if p.op == "placeholder")
     optimizer = written[Region.OPTIMIZER]
     base = given or GraphHints()
     return GraphHints(params=frozenset(p.name for p in optimizer & read_in_forward),
@@ -105,7 +105,7 @@ def infer_hints(nodes, regions, given: GraphHints | None) -> GraphHints:
                       frozen_params=base.frozen_params, names=base.names)
 
 
-def _written_args(node: fx.Node) -> Iterator[fx.Node]:
+def written_args(node: fx.Node) -> Iterator[fx.Node]:
     """Nodes an op writes into: mutable schema arguments (in-place ops, copy_,
     foreach lists), batch norm's running statistics (mutated although
     its schema does not say so) and the fused optimizer's copied-back lists,

@@ -11,7 +11,7 @@ import networkx as nx
 from torch import fx
 
 from .boundary import SEP_TARGETS, target_name
-from .kinds import FORWARD_REGIONS, NodeType
+from .kinds import FORWARD_REGIONS, NodeType, written_args
 from .replay import replay_reason, replay_sources
 from .storage import StorageMap
 
@@ -52,6 +52,7 @@ def forward_dependency_graph(nodes, regions) -> nx.DiGraph:
 def recompute_subgraphs(nodes, activations, kinds, regions, rank,
                         storages: StorageMap) -> Mapping[fx.Node, RecomputeInfo]:
     graph = forward_dependency_graph(nodes, regions)
+    writers = _forward_writers(nodes, regions, storages)
     infos = {}
     for act in activations:
         srcs, inside, stack = set(), {act}, [act]
@@ -66,9 +67,32 @@ def recompute_subgraphs(nodes, activations, kinds, regions, rank,
                     stack.append(source)
         srcs.update(extra for node in inside for extra in replay_sources(node) if extra not in inside)
         ordered = tuple(sorted(inside, key=rank.__getitem__))
-        reason = replay_reason(ordered, storages)
+        reason = _written_later(act, activations[act], writers, storages, rank) or replay_reason(ordered, storages)
         infos[act] = RecomputeInfo(tuple(sorted(srcs, key=rank.__getitem__)), ordered, reason is None, reason)
     return MappingProxyType(infos)
+
+
+def _forward_writers(nodes, regions, storages: StorageMap) -> dict[int, list[fx.Node]]:
+    """Storage key -> the forward nodes that write it in place."""
+    writers: dict[int, list[fx.Node]] = {}
+    for node in nodes:
+        if regions[node] in FORWARD_REGIONS and node.op == "call_function":
+            for written in written_args(node):
+                for key in storages.refs.get(written, ()):
+                    writers.setdefault(key, []).append(node)
+    return writers
+
+
+def _written_later(act: fx.Node, info, writers, storages: StorageMap, rank) -> str | None:
+    """Why ``act`` cannot be rebuilt by replaying what made it: an op writes
+    its storage in place after it is made and before backward reads it
+    (a view taken before a ``relu_``), and backward reads what was written."""
+    for key in storages.refs.get(act, ()):
+        for writer in writers.get(key, ()):
+            if info.creation_rank < rank[writer] < info.first_bw_rank:
+                return (f"{writer.name} writes its storage in place after it is made: a replay of what made it "
+                        "would not see the write")
+    return None
 
 
 def update_after_recompute(recompute: Mapping[fx.Node, RecomputeInfo], chosen: fx.Node,

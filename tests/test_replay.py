@@ -186,3 +186,29 @@ def test_dropout_replays_from_its_kept_mask_with_the_same_bits_and_no_draw(devic
                and str(a.args[0].target) == "aten.native_dropout.default"]
     assert outputs and all(recompute[a].recomputable and recompute[a].nodes[-2:] == (a.args[0], a) for a in outputs)
     assert all(any(s.target is operator.getitem and s.args[1] == 1 for s in recompute[a].srcs) for a in outputs)
+
+
+class ViewThenInPlace(nn.Module):
+    """A view taken before an in-place ReLU, read in backward: it holds the
+    ReLU's output by then, which a replay of the view alone would not."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin, self.head = nn.Linear(16, 16), nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = self.lin(x)
+        flat = h.view(-1)
+        torch.relu_(h)
+        return self.head(h) + (flat * flat).sum()
+
+
+def test_a_value_written_in_place_after_it_is_made_is_not_replayed():
+    torch.manual_seed(0)
+    model = ViewThenInPlace()
+    step = mutwo_backend.capture_train_step(classify_step, model, torch.optim.SGD(model.parameters(), lr=0.1),
+                                            torch.randn(8, 16), torch.randint(0, 10, (8,)))
+    recompute = run_pipeline(step.gm, step.hints).recompute
+    (flat,) = [a for a in recompute if a.target is aten.view.default and a.args[1] == [-1]]
+    assert not recompute[flat].recomputable
+    assert "writes its storage in place after it is made" in recompute[flat].reason
