@@ -39,6 +39,7 @@ from mutwo_backend import BudgetError, OptimizedStep, get_plan, plan_memory
 from mutwo_backend.device_memory import free_device_memory
 from mutwo_backend.models import fresh_setup, zoo_train_step
 from mutwo_backend.profiler import profile_captured_step
+from mutwo_backend.runtime.step import step_times_ms
 
 GIB = 2 ** 30
 MUTWO_BUDGETS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -52,22 +53,10 @@ def measured(step, device: torch.device, steps: int = 7) -> dict:
     and median step time (ms) after two warm-up steps."""
     for _ in range(2):
         step()
-    times = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
-    for _ in range(steps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            began = time.perf_counter()
-            step()
-            times.append((time.perf_counter() - began) * 1e3)
+    times = step_times_ms(step, device, steps)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"peak_bytes": peak, "step_ms": statistics.median(times)}
 

@@ -92,20 +92,32 @@ def optimize_train_step(train_step, model, optimizer, *args, memory_budget, allo
         return OptimizedStep(step, plan, report, train_step, cuda_graph)
 
 
-def _measured(device: torch.device, run, iters: int, model, optimizer, args) -> tuple[int, float]:
-    """(peak bytes, median ms) of ``iters`` calls of ``run``."""
+def step_times_ms(run, device: torch.device, iters: int) -> list[float]:
+    """The time of each of ``iters`` calls of ``run``, in ms: CUDA events
+    around it on a GPU, the host's clock elsewhere."""
     times = []
-    if device.type == "cuda":
-        run()  # a first run (a CUDA graph's capture) outside the measurement
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        for _ in range(iters):
+    for _ in range(iters):
+        if device.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             run()
             end.record()
             torch.cuda.synchronize(device)
             times.append(start.elapsed_time(end))
+        else:
+            began = time.perf_counter()
+            run()
+            times.append((time.perf_counter() - began) * 1e3)
+    return times
+
+
+def _measured(device: torch.device, run, iters: int, model, optimizer, args) -> tuple[int, float]:
+    """(peak bytes, median ms) of ``iters`` calls of ``run``."""
+    if device.type == "cuda":
+        run()  # a first run (a CUDA graph's capture) outside the measurement
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        times = step_times_ms(run, device, iters)
         return torch.cuda.max_memory_allocated(device), statistics.median(times)
     from torch.distributed._tools.mem_tracker import MemTracker
     tracker = MemTracker()
@@ -113,8 +125,4 @@ def _measured(device: torch.device, run, iters: int, model, optimizer, args) -> 
     with tracker:
         run()
     peak = tracker.get_tracker_snapshot("peak")[device]["Total"]
-    for _ in range(iters):
-        start = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - start) * 1e3)
-    return peak, statistics.median(times)
+    return peak, statistics.median(step_times_ms(run, device, iters))
