@@ -11,7 +11,8 @@ from torch import nn
 from torch.distributed._tools.mem_tracker import MemTracker
 
 import mutwo_backend
-from mutwo_backend import BudgetError, CaptureError, RewriteError, optimize_train_step, plan_memory, rewrite
+from mutwo_backend import (BudgetError, CaptureError, MutwoError, RewriteError, optimize_train_step, plan_memory,
+                           rewrite)
 from mutwo_backend.models import get_model, zoo_train_step
 from mutwo_backend.runtime.rewrite import REPLAY_OF
 from passes import NodeType, run_pipeline
@@ -215,6 +216,17 @@ def test_a_changed_model_or_optimizer_is_refused_and_left_unchanged():
         optimized(x, y)
     del model.extra
     assert all(torch.equal(a, b) for a, b in zip(state, training_state(model, optimizer), strict=True))
+
+
+def test_a_cuda_graph_asked_for_where_none_can_run_is_refused_with_the_model_unchanged():
+    torch.manual_seed(0)
+    model = DeepMLP(depth=2)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(MutwoError, match="cuda_graph=True, but the step runs on cpu"):
+        optimize_train_step(classify_step, model, optimizer, torch.randn(64, 256), torch.randint(0, 10, (64,)),
+                            memory_budget=1.0, cuda_graph=True, iters=1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and not optimizer.state
 
 
 def test_a_plan_for_another_graph_is_refused_by_name():

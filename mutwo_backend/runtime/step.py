@@ -2,6 +2,7 @@
 and OptimizedStep, which runs it under the plan and measures it."""
 
 import copy
+import logging
 import statistics
 import time
 
@@ -19,6 +20,7 @@ from .rewrite import rewrite
 from .training_state import restored_on
 
 GRAPH_CODE, CUDA_GRAPH = "graph code", "cuda graph"
+log = logging.getLogger("mutwo")
 
 
 class OptimizedStep:
@@ -43,6 +45,8 @@ class OptimizedStep:
         self.cuda_graph = CudaGraphStep(self.gm, self.device) if self.runtime == CUDA_GRAPH else None
         note = why_not if cuda_graph is None else "cuda_graph=False" if self.runtime == GRAPH_CODE else None
         report.add_meta(runtime=self.runtime, runtime_note=note and f"runs as the graph's code: {note}")
+        if note and self.device.type == "cuda" and cuda_graph is None:  # (on the CPU there is no other way)
+            log.warning("the optimized step runs as the graph's code, not as one CUDA graph: %s", note)
 
     def __call__(self, *args):
         return self.step.run(*args, executor=self.cuda_graph)
