@@ -60,7 +60,7 @@ def max_diff(model, eager) -> float:
                 zip(model.state_dict().values(), eager.state_dict().values()) if a.is_floating_point()), default=0.0)
 
 
-def train_step_path(spec, device) -> str:
+def train_step_path(spec, device, allow_swap: bool | None = None) -> str:
     build, step = setup(spec, device)
     model, optimizer, inputs = build()
     report = mutwo_backend.profile_train_step(step, model, optimizer, *inputs, iters=1)
@@ -72,7 +72,8 @@ def train_step_path(spec, device) -> str:
     budget = int(peak - 0.5 * (peak - floor))
     model, optimizer, inputs = build()
     torch.manual_seed(1)
-    optimized = mutwo_backend.optimize_train_step(step, model, optimizer, *inputs, memory_budget=budget, iters=1)
+    optimized = mutwo_backend.optimize_train_step(step, model, optimizer, *inputs, memory_budget=budget, iters=1,
+                                                  allow_swap=allow_swap)
     for _ in range(3):
         optimized(*inputs)
     eager, eager_optimizer, inputs = build()
@@ -120,11 +121,14 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--only", nargs="+", default=SPECS.NAMES)
     parser.add_argument("--paths", nargs="+", default=["train-step", "compile"], choices=["train-step", "compile"])
+    parser.add_argument("--allow-swap", action="store_true",
+                        help="let the train-step path's plans swap (on the CPU, copies to a host slab and back)")
     args = parser.parse_args()
     device = torch.device(args.device)
     for name in args.only:
         spec = SPECS.get(name, device.type == "cuda")
-        for path, run in (("train-step", train_step_path), ("compile", compile_path)):
+        for path, run in (("train-step", lambda s, d: train_step_path(s, d, args.allow_swap or None)),
+                          ("compile", compile_path)):
             if path not in args.paths:
                 continue
             began = time.perf_counter()
