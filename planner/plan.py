@@ -87,10 +87,11 @@ class Plan:
         dropped = sorted((d for d in self.decisions if d.action != "keep"), key=lambda d: -d.memory_bytes)
         table = tabulate([(d.activation, d.action, size_text(d.memory_bytes), f"{d.recompute_ms:.3f}",
                            f"{d.exposed_ms:.3f}", len(d.recompute_nodes) or "-",
-                           d.swap_out_after or "-", d.prefetch_at or "-") for d in dropped[:top]],
+                           d.swap_out_after or "-", d.swap_free_at or "-", d.prefetch_at or "-")
+                          for d in dropped[:top]],
                          headers=[f"top {min(top, len(dropped))} of {len(dropped)} dropped activations",
                                   "action", "size", "recompute (ms)", "exposed swap (ms)", "replayed nodes",
-                                  "swap out after", "prefetch at"],
+                                  "swap out after", "freed at", "prefetch at"],
                          tablefmt="simple", disable_numparse=True)
         parts = [tabulate(rows, tablefmt="simple", disable_numparse=True)]
         parts += [f"note: {note}" for note in self.notes]
