@@ -269,12 +269,12 @@ def measure_within(limit: int | None, device: torch.device, optimized, args, ite
     from .cli import is_out_of_memory
 
     if device.type != "cuda" or limit is None:
-        return optimized.measure(*args, iters=iters), None
+        return optimized.measure(*args, iters=iters, eager=limit is None), None
     total = torch.cuda.get_device_properties(device).total_memory
     free_device_memory(device)
     torch.cuda.set_per_process_memory_fraction(min(1.0, limit / total), device)
     try:
-        return optimized.measure(*args, iters=iters), None
+        return optimized.measure(*args, iters=iters, eager=False), None  # (eager's step need not fit the limit)
     except Exception as error:  # noqa: BLE001
         if not is_out_of_memory(error):
             raise

@@ -268,3 +268,14 @@ def test_on_a_gpu_optimized_steps_train_as_eager_and_peak_as_predicted(cuda_grap
     result = optimized.measure(x, y, iters=3)
     assert abs(result["measured_peak_bytes"] / result["predicted_peak_bytes"] - 1) <= 0.03, result
     assert result["measured_peak_bytes"] < result["eager_peak_bytes"]
+
+
+def test_measure_without_eager_leaves_eager_out():
+    torch.manual_seed(0)
+    model = DeepMLP(depth=2)
+    optimizer = torch.optim.Adam(model.parameters(), fused=True)
+    x, y = torch.randn(256, 256), torch.randint(0, 10, (256,))
+    optimized = optimize_train_step(classify_step, model, optimizer, x, y, memory_budget=1.0, iters=1)
+    result = optimized.measure(x, y, iters=1, eager=False)
+    assert result["eager_peak_bytes"] is None and result["eager_step_ms"] is None
+    assert result["measured_peak_bytes"] > 0 and result["measured_step_ms"] > 0

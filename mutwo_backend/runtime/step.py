@@ -51,21 +51,24 @@ class OptimizedStep:
     def __call__(self, *args):
         return self.step.run(*args, executor=self.cuda_graph)
 
-    def measure(self, *args, iters: int = 5) -> dict:
+    def measure(self, *args, iters: int = 5, eager: bool = True) -> dict:
         """Run ``iters`` optimized steps, then ``iters`` eager steps of the
         train step (both train the model), and return their measured peak
         (bytes) and median step time (ms) beside the plan's predictions. On
         a GPU the peak is ``max_memory_allocated`` (for a CUDA graph, over
         its capture, with ``pool_bytes`` what its pool holds); on the CPU,
-        MemTracker's around one step."""
+        MemTracker's around one step. ``eager=False`` leaves eager's out
+        (None): under a memory limit only the plan fits."""
         if iters < 1:
             raise MutwoError(f"iters must be at least 1, got {iters}")
         model, optimizer = self.step.model, self.step.optimizer
         optimized_peak, optimized_ms = _measured(self.device, lambda: self(*args), iters, model, optimizer, args)
         if self.cuda_graph is not None:
             optimized_peak = self.cuda_graph.capture_peak_bytes
-        eager_peak, eager_ms = _measured(self.device, lambda: self.train_step(model, optimizer, *args), iters,
-                                         model, optimizer, args)
+        eager_peak = eager_ms = None
+        if eager:
+            eager_peak, eager_ms = _measured(self.device, lambda: self.train_step(model, optimizer, *args), iters,
+                                             model, optimizer, args)
         return {"runtime": self.runtime, "measured_peak_bytes": optimized_peak, "measured_step_ms": optimized_ms,
                 "pool_bytes": self.cuda_graph.pool_bytes if self.cuda_graph else None,
                 "predicted_peak_bytes": self.plan.predicted_peak_bytes,
