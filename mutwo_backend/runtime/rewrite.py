@@ -13,7 +13,7 @@
   the copy to have ended (``swap_free_at``), the copy back starts at
   ``prefetch_at`` (``swap_in``), and the compute stream waits for it just
   before the first backward reader, which reads views rebuilt on the new
-  storage (swap.py holds the streams, events and the pinned slab).
+  storage (copy_streams.py holds the streams, events and the pinned slab).
 
 The rewritten graph frees every value at its last use (fx's generated
 code), as the planner assumes. New nodes carry fake values, so the passes
