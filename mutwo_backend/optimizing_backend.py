@@ -83,7 +83,7 @@ class OptimizingGraph(DynamoGraph):
         self.plan = plan_memory(self.report, self.options.memory_budget, allow_swap=self.options.allow_swap)
         program = rewrite(self.program.graph, self.plan)
         self.split = split_program(program, self.forward_gm, self.backward_gm, self.program.forward_names,
-                                   self.program.backward_names)
+                                   self.program.backward_names, self.hints.num_fwd_outputs)
         _boxed(self.split.forward)
         _boxed(self.split.backward)
         log.info("graph %d runs its plan: %d recomputed and %d swapped activations, predicted peak %.1f MiB",

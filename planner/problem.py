@@ -181,17 +181,18 @@ def storage_accesses(nodes: list[dict]) -> dict[int, list[int]]:
 
 def _with_candidates(problem: PlanningProblem, data: dict) -> PlanningProblem:
     """One candidate per activation storage made in forward (not a graph
-    input's) that holds bytes."""
+    input's, not one the graph returns) that holds bytes."""
     by_storage: dict[int, list[dict]] = {}
     for act in data["activations"]:
         by_storage.setdefault(act["storage"], []).append(act)
     rank = problem.rank_of
     accesses = storage_accesses(data["nodes"])
     candidates = []
+    returned = {n["rank"] for n in data["nodes"] if n["op"] == "output"}
     for storage_id, acts in by_storage.items():
         nbytes = int(problem.storage_bytes[storage_id])
-        if nbytes == 0 or data["storages"][storage_id]["resident"]:
-            continue
+        if nbytes == 0 or data["storages"][storage_id]["resident"] or returned & set(accesses[storage_id]):
+            continue  # (a value the graph returns stays alive for its caller: dropping it frees nothing)
         nodes = {name for a in acts for name in a["recompute_nodes"]}
         made_inside = nodes | {a["name"] for a in acts}
         srcs = {name for a in acts for name in a["recompute_srcs"]} - made_inside

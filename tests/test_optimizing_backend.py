@@ -11,6 +11,7 @@ from torch import nn
 import mutwo_backend
 from mutwo_backend import BudgetError, MutwoError, Plan
 from mutwo_backend.models import get_model
+from planner.problem import planning_problem
 from planner_models import DeepMLP, with_eager_twin  # (tests/)
 
 
@@ -47,6 +48,18 @@ class WithConstants(nn.Module):
         return self.body(x * torch.tensor([0.5, 1.5] * (x.shape[-1] // 2)))
 
 
+class TanhHead(nn.Module):
+    """Its output, a tanh, is returned and saved for backward: the caller
+    holds it, so no plan may count it as dropped."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head = DeepMLP(depth=4), nn.Linear(10, 10)
+
+    def forward(self, x):
+        return torch.tanh(self.head(self.body(x)))
+
+
 def zoo(name, batch):
     spec = get_model(name)
     inputs, targets = spec.make_batch(batch, 16, torch.device("cpu"))
@@ -65,6 +78,7 @@ CASES = {
     "deep-mlp": (lambda: planner_case(DeepMLP), 0.6),
     "graph-break": (lambda: planner_case(BrokenMLP), 0.7),
     "constants": (lambda: planner_case(WithConstants), 0.7),
+    "returned-activation": (lambda: planner_case(TanhHead), 0.7),
 }
 
 
@@ -103,6 +117,13 @@ def test_training_through_mutwo_equals_eager(name):
         assert [mutwo_backend.plan_memory(report, budget, graph=i) for i in (0, 1)] == plans
     if name in ("deep-mlp", "graph-break", "constants"):
         assert all(p.count("recompute") > 0 for p in plans)
+    if name == "returned-activation":  # the tanh the model returns stays (saved as a view), as its caller holds it
+        data = mutwo_backend.get_report(compiled).to_dict()
+        storage_of = {n["name"]: n["storages"] for n in data["nodes"]}
+        returned = set(storage_of[next(n["name"] for n in data["nodes"] if n["target"].startswith("tanh."))])
+        on_it = [d for d in plans[0].decisions if returned & set(storage_of[d.activation])]
+        assert on_it and all(d.action == "keep" for d in on_it)
+        assert not any(c.storage in returned for c in planning_problem(data).candidates)  # never a candidate
 
 
 def saved_bytes(compiled, x, y) -> int:

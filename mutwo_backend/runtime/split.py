@@ -32,7 +32,9 @@ class SplitProgram:
 
 
 def split_program(program: fx.GraphModule, forward: fx.GraphModule, backward: fx.GraphModule,
-                  forward_names: dict[str, str], backward_names: dict[str, str]) -> SplitProgram:
+                  forward_names: dict[str, str], backward_names: dict[str, str], num_fwd_outputs: int) -> SplitProgram:
+    """``num_fwd_outputs``: the forward's outputs before its saved slots
+    (what the model returns, and mutated inputs), kept as they are."""
     nodes = list(program.graph.nodes)
     by_name = {n.name: n for n in nodes}
     forward_inputs = [by_name[forward_names[p.name]] for p in forward.graph.nodes if p.op == "placeholder"]
@@ -56,7 +58,8 @@ def split_program(program: fx.GraphModule, forward: fx.GraphModule, backward: fx
         node = by_name.get(name) if isinstance(name, str) else None
         if node is None:
             outputs.append(name)
-        elif node in saved and not any(u in in_backward for u in node.users) and _is_tensor(node):
+        elif index >= num_fwd_outputs and node in saved and not any(u in in_backward for u in node.users) \
+                and _is_tensor(node):
             outputs.append(_empty_like_slot(fw_graph, node))
             dropped.append(node.name)
         else:
