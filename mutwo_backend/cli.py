@@ -19,26 +19,19 @@ import torch
 from passes import NodeType
 
 from . import memory_commands
+from .cli_options import OPTIMIZERS, add_model_options, default_batch_size, is_out_of_memory, positive_int, seq_len
 from .assemble import DEFAULT_MODULE_DEPTH, device_name
 from .device_memory import free_device_memory
-from .errors import MutwoError, StepDoesNotFitError
-from .models import MODELS, get_model, zoo_train_step
+from .errors import MutwoError
+from .models import get_model, zoo_train_step
 from .plot_processes import PlotProcesses
 from .plots import TIMELINE_X_AXES
 from .progress import PhaseLog
 from .report import Report, check_report_dir, format_bytes
-from .timers import TIMERS
 
 log = logging.getLogger("mutwo")
 SWEEP_SCHEMA = "mutwo.sweep/1"
 CAPTURES = ("train-step", "compile")
-
-OPTIMIZERS = {
-    "adam": lambda params: torch.optim.Adam(params, lr=1e-3, fused=True),
-    "adamw": lambda params: torch.optim.AdamW(params, lr=1e-3, fused=True),
-    "sgd": lambda params: torch.optim.SGD(params, lr=1e-2, momentum=0.9),
-}
-
 
 def resolve_device(asked: str | None) -> str:
     """``--device`` as given, or cuda when a GPU is visible; without one the
@@ -55,29 +48,6 @@ def resolve_device(asked: str | None) -> str:
     return asked
 
 
-def default_batch_size(device: str) -> int:
-    return 32 if device == "cuda" else 2
-
-
-# --- arguments -----------------------------------------------------------------
-
-def _int_at_least(minimum: int, wording: str):
-    """An argparse type: an integer of at least ``minimum``."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{text!r} is {wording}")
-        return value
-    return parse
-
-
-positive_int = _int_at_least(1, "not a positive integer")
-_non_negative_int = _int_at_least(0, "negative")
-
-
 def _batch_sizes(text: str) -> list[int]:
     """"4,8,16" -> [4, 8, 16] (sorted, no repeats)."""
     sizes = []
@@ -88,32 +58,6 @@ def _batch_sizes(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(
                 f"invalid batch sizes {text!r}: give positive integers separated by commas, e.g. 4,8,16") from None
     return sorted(set(sizes))
-
-
-def add_model_options(parser: argparse.ArgumentParser, out_default: str) -> None:
-    """Flags of every command that builds and profiles a zoo model."""
-    parser.add_argument("--model", choices=sorted(MODELS), default="resnet152",
-                        help="zoo model, built with random weights; nothing is downloaded (default: resnet152)")
-    parser.add_argument("--seq-len", type=positive_int, default=None, metavar="L",
-                        help="sequence length of the BERT models (default: 512 for bert, 64 for bert-tiny); "
-                             "ignored by the other models")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                        help="where the step runs (default: cuda when a GPU is visible, else cpu with a warning)")
-    parser.add_argument("--warmup", type=_non_negative_int, default=None, metavar="K",
-                        help="warm-up iterations, not measured (default: none after a recorded train-step "
-                             "capture, which ran the step on the device; 1 otherwise)")
-    parser.add_argument("--iters", type=positive_int, default=3, metavar="K",
-                        help="measured iterations; node times are their medians (default: 3)")
-    parser.add_argument("--timer", choices=TIMERS, default=None,
-                        help="per-node timer: cpu (host clock), cuda-events (an event pair per node) or "
-                             "cupti (kernel times attributed to nodes) (default: cupti on cuda, cpu on cpu)")
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="adam",
-                        help="adam and adamw are fused; sgd uses momentum 0.9 (default: adam)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the weights and the batch (default: 0)")
-    parser.add_argument("--out", default=out_default, metavar="DIR",
-                        help=f"directory the results are written to, checked writable before anything runs "
-                             f"(default: {out_default})")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def _add_run_options(parser: argparse.ArgumentParser, out_default: str) -> None:
@@ -177,11 +121,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- profiling ---------------------------------------------------------------------
 
-def _seq_len(args: argparse.Namespace, spec) -> int | None:
-    """--seq-len or the model's default; None for models without one."""
-    return (args.seq_len or spec.default_seq_len) if spec.default_seq_len else None
-
-
 def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: PhaseLog, keep=None) -> Report:
     """Build the zoo model, profile ``args.warmup`` (None: the default) + ``args.iters`` iterations
     at ``batch_size`` and return the report (meta completed with what the
@@ -190,11 +129,11 @@ def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: PhaseLo
     run it again under a plan."""
     spec = get_model(args.model)
     device = torch.device(args.device)
-    seq_len = _seq_len(args, spec)
+    length = seq_len(args, spec)
     torch.manual_seed(args.seed)
     model = phases.run(f"building {spec.name}", lambda: spec.build().to(device))
     optimizer = OPTIMIZERS[args.optimizer](model.parameters())
-    inputs, targets = spec.make_batch(batch_size, seq_len or 0, device)
+    inputs, targets = spec.make_batch(batch_size, length or 0, device)
     if keep is not None:
         from .profiler import profile_captured_step
 
@@ -205,7 +144,7 @@ def profile_zoo_model(args: argparse.Namespace, batch_size: int, phases: PhaseLo
     else:
         profile = _profile_compiled if args.capture == "compile" else _profile_train_step
         report = profile(spec, model, optimizer, inputs, targets, args, phases)
-    return report.add_meta(model=spec.name, batch_size=batch_size, seq_len=seq_len, optimizer=args.optimizer,
+    return report.add_meta(model=spec.name, batch_size=batch_size, seq_len=length, optimizer=args.optimizer,
                            seed=args.seed)
 
 
@@ -271,21 +210,6 @@ def profile(args: argparse.Namespace) -> None:
 
 # --- sweep -------------------------------------------------------------------------
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` or an error it was raised from is an out-of-memory:
-    CUDA's (torch.OutOfMemoryError), the CPU allocator's, or mutwo's refusal
-    of a step that cannot fit (StepDoesNotFitError)."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, (torch.cuda.OutOfMemoryError, StepDoesNotFitError)):
-            return True
-        if isinstance(error, RuntimeError) and "can't allocate memory" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
 def sweep(args: argparse.Namespace) -> None:
     if args.budget is not None and args.capture != "train-step":
         raise MutwoError("sweep --budget runs each batch size with a plan, which needs --capture train-step")
@@ -334,7 +258,7 @@ def sweep(args: argparse.Namespace) -> None:
     result = {"schema": SWEEP_SCHEMA,
               "meta": {"model": spec.name, "device": str(device), "device_name": device_name(device),
                        "torch_version": str(torch.__version__), "capture": args.capture, "optimizer": args.optimizer,
-                       "seq_len": _seq_len(args, spec),
+                       "seq_len": seq_len(args, spec),
                        "warmup": args.warmup, "iters": args.iters, "swap": args.swap, "seed": args.seed,
                        "budget": args.budget, "memory": args.memory,
                        "batch_sizes": args.batch_sizes, "not_run": not_run, "notes": []},

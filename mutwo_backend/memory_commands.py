@@ -6,6 +6,7 @@ that trains within a memory limit, eager and with a plan) and what ``sweep
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 
@@ -15,6 +16,7 @@ from tabulate import tabulate
 from planner import BudgetError, plan_memory
 from planner.budget import HOW, budget_bytes
 
+from .cli_options import OPTIMIZERS, add_model_options, default_batch_size, is_out_of_memory, positive_int, seq_len
 from .device_memory import free_device_memory
 from .errors import MutwoError
 from .models import get_model, zoo_train_step
@@ -54,7 +56,6 @@ def parse_memory(text: str) -> int:
 
 def add_commands(commands) -> None:
     """The memory commands' subparsers, on cli.build_parser's ``commands``."""
-    from .cli import add_model_options, positive_int
 
     plan = commands.add_parser(
         "plan", help="plan a saved report for a memory budget (no GPU needed)",
@@ -123,7 +124,6 @@ def plan_command(args: argparse.Namespace) -> None:
 # --- optimize --------------------------------------------------------------------------
 
 def optimize_command(args: argparse.Namespace) -> None:
-    from .cli import default_batch_size
     from .runtime import optimize_train_step
 
     phases = PhaseLog()
@@ -132,10 +132,8 @@ def optimize_command(args: argparse.Namespace) -> None:
     batch_size = args.batch_size or default_batch_size(args.device)
     torch.manual_seed(args.seed)
     model = phases.run(f"building {spec.name}", lambda: spec.build().to(device))
-    from .cli import OPTIMIZERS, _seq_len
-
     optimizer = OPTIMIZERS[args.optimizer](model.parameters())
-    inputs, targets = spec.make_batch(batch_size, _seq_len(args, spec) or 0, device)
+    inputs, targets = spec.make_batch(batch_size, seq_len(args, spec) or 0, device)
     step = phases.run("profiling and planning", optimize_train_step, zoo_train_step(spec), model, optimizer,
                       inputs, targets, memory_budget=args.budget, allow_swap=SWAP_CHOICES[args.allow_swap],
                       warmup=args.warmup, iters=args.iters, timer=args.timer)
@@ -147,7 +145,6 @@ def optimize_command(args: argparse.Namespace) -> None:
     os.makedirs(args.out, exist_ok=True)
     step.plan.save(os.path.join(args.out, "plan.json"))
     with open(os.path.join(args.out, "measurement.json"), "w") as f:
-        import json
         json.dump({**result, "model": spec.name, "batch_size": batch_size}, f, indent=1)
     phases.run("saving the report", step.report.save, os.path.join(args.out, "report"))
     print(f"\nplan, measurement and report saved to {os.path.abspath(args.out)}")
@@ -220,7 +217,6 @@ def search_max_batch(try_batch, upper: int) -> dict[int, BatchOutcome]:
 def try_batch(args: argparse.Namespace, batch: int, limit: int, device: torch.device) -> BatchOutcome:
     """Profile ``batch`` (without the limit), and plan it for ``limit``; on a
     GPU, run the plan under the limit and measure it."""
-    from .cli import OPTIMIZERS, _seq_len, is_out_of_memory
     from .profiler import profile_captured_step
     from .runtime import OptimizedStep
 
@@ -229,7 +225,7 @@ def try_batch(args: argparse.Namespace, batch: int, limit: int, device: torch.de
     try:
         model = spec.build().to(device)
         optimizer = OPTIMIZERS[args.optimizer](model.parameters())
-        inputs, targets = spec.make_batch(batch, _seq_len(args, spec) or 0, device)
+        inputs, targets = spec.make_batch(batch, seq_len(args, spec) or 0, device)
         report, _, step = profile_captured_step(zoo_train_step(spec), model, optimizer, (inputs, targets),
                                                 args.warmup, args.iters, args.timer, "model", spec.name, 2)
     except Exception as error:  # noqa: BLE001 - out of memory even without the limit: nothing fits
@@ -266,8 +262,6 @@ def _measured_under(limit: int | None, device: torch.device, optimized, batch: i
 def measure_within(limit: int | None, device: torch.device, optimized, args, iters: int) -> tuple[dict | None, str | None]:
     """OptimizedStep.measure, on a GPU with the process held to ``limit``
     bytes (set_per_process_memory_fraction); None and why where it ran out."""
-    from .cli import is_out_of_memory
-
     if device.type != "cuda" or limit is None:
         return optimized.measure(*args, iters=iters, eager=limit is None), None
     total = torch.cuda.get_device_properties(device).total_memory
