@@ -29,7 +29,7 @@ from .plan import size_text
 from .problem import Candidate, PlanningProblem
 from .simulate import Away, MemoryTimeline, chain_transient_bytes
 
-SEARCH_WORK = 2_000_000  # nodes x choices the re-plans may cost in all (a ResNet-152's plan: about one)
+SEARCH_WORK = 1_000_000  # nodes x choices the re-plans may cost in all (a ResNet-152's plan: none)
 
 
 @dataclass(frozen=True)
@@ -209,10 +209,17 @@ class GreedyPlanner:
 
     def _swappable(self, candidate: Candidate) -> bool:
         """Swaps are allowed, and no chosen recompute reads it on the device."""
-        names = set(candidate.activations)
-        return self.allow_swap and not any(
-            choice.action == "recompute" and names & set(choice.candidate.recompute_srcs)
-            for choice in self.chosen.values())
+        return self.allow_swap and not self._read_by_recomputes().intersection(candidate.activations)
+
+    def _read_by_recomputes(self) -> set[str]:
+        """The values the chosen recomputes read, for the choices made so far
+        (kept once per set of choices: the loop asks for every candidate)."""
+        key = (len(self.chosen), id(next(reversed(self.chosen.values()), None)))
+        if getattr(self, "_read_key", None) != key:
+            self._read_key = key
+            self._read = {src for choice in self.chosen.values() if choice.action == "recompute"
+                          for src in choice.candidate.recompute_srcs}
+        return self._read
 
     def _swap_overhead(self, candidate: Candidate, budget_bytes: int) -> tuple[float, Away, float, float, int]:
         """(exposed ms, its absence, copy-out start, copy-back start, prefetch rank)."""

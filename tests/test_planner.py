@@ -3,7 +3,6 @@ plans fit their budgets, cost more time as budgets shrink, rebuild every
 dropped value from values that are there, and read only the report."""
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from planner import PlanningError
 from planner.budget import budget_bytes
 from planner.problem import planning_problem
 from planner_models import DeepMLP, SmallCNN, TiedLM, classify_step, token_batch  # (tests/)
+from report_versions import schema_1_report  # (tests/)
 
 
 CASES = {
@@ -167,10 +167,8 @@ def test_bad_reports_and_solvers_are_named(case, tmp_path):
     _, report = case
     with pytest.raises(PlanningError, match="unknown solver 'annealing'"):
         plan_memory(report, 0.5, solver="annealing")
-    old = json.load(open(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "h200_bert_bs16",
-                                      "report.json")))
     with pytest.raises(PlanningError, match="schema 'mutwo.report/1'.*profile the step again"):
-        plan_memory(old, 0.5)
+        plan_memory(schema_1_report(), 0.5)
 
 
 def test_swaps_are_planned_for_gpu_reports_only_by_default(case):

@@ -17,6 +17,7 @@ from mutwo_backend import plots
 from mutwo_backend.models import get_model, zoo_train_step
 from mutwo_backend.profiler import profile_train_step
 from mutwo_backend.report import PLOT_HINT, Report, validate
+from report_versions import schema_1_report  # (tests/)
 
 FILES = ["report.json", "nodes.csv", "activations.csv", "modules.csv", "trace.json", "memory_breakdown.png",
          "memory_timeline.png"]
@@ -399,9 +400,10 @@ def test_recompute_lists_through_the_separator_say_so(report):
     assert all(a["recompute_replays_sep"] == bool(seps & set(a["recompute_nodes"])) for a in data["activations"])
 
 
-def test_the_committed_version_1_h200_report_loads(caplog):
-    """BERT-base's H200 report, written by an older mutwo in schema /1."""
-    loaded = Report.load(os.path.join(os.path.dirname(__file__), "..", "benchmarks", "results", "h200_bert_bs16"))
+def test_a_version_1_h200_report_loads(caplog, tmp_path):
+    """BERT-base's H200 report as an older mutwo wrote it, in schema /1."""
+    (tmp_path / "report.json").write_text(json.dumps(schema_1_report()))
+    loaded = Report.load(str(tmp_path))
     assert loaded.data["schema"] == "mutwo.report/1"
     assert {"storages", "modules", "nodes.module", "nodes.inputs", "activations.base"} <= set(loaded.missing_fields)
     text = loaded.format(top=3)
