@@ -27,7 +27,7 @@ import numpy as np
 from .errors import BudgetError
 from .plan import size_text
 from .problem import Candidate, PlanningProblem
-from .simulate import Away, MemoryTimeline, chain_transient_bytes
+from .simulate import Away, MemoryTimeline
 
 SEARCH_WORK = 1_000_000  # nodes x choices the re-plans may cost in all (a ResNet-152's plan: none)
 
@@ -183,8 +183,7 @@ class GreedyPlanner:
 
     def _recompute(self, candidate: Candidate) -> None:
         del self.remaining[candidate.index]
-        away = Away(candidate.memory_bytes, candidate.last_fw_rank + 1, candidate.first_bw_rank,
-                    candidate.recompute_transient_bytes)
+        away = Away(candidate.memory_bytes, candidate.last_fw_rank + 1, candidate.first_bw_rank)
         self.chosen[candidate.index] = Choice(candidate, "recompute", away, 0.0)
         for other in [*self.remaining.values(), *(c.candidate for c in self.chosen.values())]:
             if other.index != candidate.index and set(candidate.activations) & set(other.recompute_srcs):
@@ -202,7 +201,6 @@ class GreedyPlanner:
         srcs = sorted((set(other.recompute_srcs) - names) | set(chosen.recompute_srcs), key=self.rank.__getitem__)
         other.recompute_nodes, other.recompute_srcs = tuple(nodes), tuple(srcs)
         other.recompute_ms = float(sum(self.problem.node_ms[self.rank[n]] for n in nodes))
-        other.recompute_transient_bytes = chain_transient_bytes(self.problem, nodes, other.storage)
         other.recomputable = other.recomputable and chosen.recomputable
 
     # --- swap (Algorithm C) ----------------------------------------------------

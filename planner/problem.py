@@ -57,7 +57,6 @@ class Candidate:
     recompute_nodes: tuple[str, ...]
     recompute_srcs: tuple[str, ...]
     recompute_ms: float
-    recompute_transient_bytes: int  # bytes beyond its own alive while its recompute runs
     swap_out_ms: float
     swap_in_ms: float
     recompute_count: int = 1
@@ -202,7 +201,6 @@ def _with_candidates(problem: PlanningProblem, data: dict) -> PlanningProblem:
         last_fw = max(r for r in accesses[storage_id] if r < first_bw)
         ordered = tuple(sorted(nodes, key=rank.__getitem__))
         recompute_ms = float(sum(problem.node_ms[rank[n]] for n in ordered))
-        peak = max(a["recompute_peak_bytes"] for a in acts)
         candidates.append(Candidate(
             index=len(candidates), storage=storage_id, memory_bytes=nbytes,
             activations=tuple(a["name"] for a in sorted(acts, key=lambda a: a["creation_rank"])),
@@ -213,6 +211,6 @@ def _with_candidates(problem: PlanningProblem, data: dict) -> PlanningProblem:
             recomputable=all(a["recomputable"] for a in acts) and bool(ordered),
             recompute_reason=next((a["recompute_reason"] for a in acts if a["recompute_reason"]), None),
             recompute_nodes=ordered, recompute_srcs=tuple(sorted(srcs, key=rank.__getitem__)),
-            recompute_ms=recompute_ms, recompute_transient_bytes=max(0, peak - nbytes),
+            recompute_ms=recompute_ms,
             swap_out_ms=problem.device_to_host.time_ms(nbytes), swap_in_ms=problem.host_to_device.time_ms(nbytes)))
     return dataclasses.replace(problem, candidates=tuple(candidates))

@@ -23,12 +23,12 @@ from .problem import PlanningProblem
 
 @dataclass(frozen=True)
 class Away:
-    """A storage's absence from the device, and what its return holds."""
+    """A storage's absence from the device: from the node ``away_from`` to
+    the node ``back_at``."""
 
     nbytes: int
     away_from: int
     back_at: int
-    transient_bytes: int = 0  # alive while back_at runs (a recompute's intermediates)
 
 
 class MemoryTimeline:
@@ -134,17 +134,3 @@ def _chain_intervals(problem: PlanningProblem, nodes: list[int], rebuilt: list[i
         copies[holder[s]][1] = int(position[problem.storage_free_rank[s]])
     return [tuple(c) for c in copies]
 
-
-def chain_transient_bytes(problem: PlanningProblem, nodes, storage: int) -> int:
-    """The most bytes a recompute's copies hold at once beyond ``storage``
-    itself (which it rebuilds), when its ``nodes`` (names) run alone."""
-    rank = problem.rank_of
-    ordered = sorted(rank[n] for n in nodes)
-    if not ordered:
-        return 0
-    position = np.full(len(problem.node_names), len(ordered), dtype=np.int64)  # the rebuilt copy outlives it
-    copies = _chain_intervals(problem, ordered, [storage], 0, position, np.zeros(len(problem.storage_bytes), np.int64))
-    live = np.zeros(len(ordered) + 1, dtype=np.int64)
-    for first, last, nbytes in copies:
-        live[first:last + 1] += nbytes
-    return max(0, int(live[:len(ordered)].max()) - int(problem.storage_bytes[storage]))

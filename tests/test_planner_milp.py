@@ -326,7 +326,7 @@ def _hand_problem() -> PlanningProblem:
                          creation_rank=names.index(name), last_fw_rank=last_fw, first_bw_rank=first_bw,
                          last_use_rank=int(free[storage]), inactive_time_ms=float(node_ms[last_fw + 1:first_bw].sum()),
                          recomputable=True, recompute_reason=None, recompute_nodes=(name,), recompute_srcs=srcs,
-                         recompute_ms=ms, recompute_transient_bytes=0, swap_out_ms=copies.time_ms(int(sizes[storage])),
+                         recompute_ms=ms, swap_out_ms=copies.time_ms(int(sizes[storage])),
                          swap_in_ms=copies.time_ms(int(sizes[storage])))
 
     problem = PlanningProblem(
